@@ -18,7 +18,7 @@ def numpy_multi_head(module: MultiHeadAttention, x_q, x_kv, mask=None):
     bkv = np.asarray(module.key_value_bias[...])
     bo = np.asarray(module.out_bias[...])
     n, k, d = module.num_heads, module.num_kv_heads, module.head_dim
-    batch, t, s = x_q.shape[0], x_q.shape[1], x_kv.shape[1]
+    batch, t = x_q.shape[:2]
     out = np.zeros((batch, t, wo.shape[-1]))
     for b in range(batch):
         heads = []

@@ -121,9 +121,13 @@ def test_cached_decoding_under_jit(inputs):
 def test_sow_weights_captures_every_call(inputs):
     x, _ = inputs
     module = MultiHeadAttention(4, 16, sow_weights=True, rngs=nnx.Rngs(5))
-    module(x, is_causal=True)
-    module(x, is_causal=True)
-    captured = nnx.pop(module, nnx.Intermediate)["attention_weights"].get_value()
+
+    def twice(module, x):
+        module(x, is_causal=True)
+        return module(x, is_causal=True)
+
+    _, intermediates = nnx.capture(twice, nnx.Intermediate)(module, x)
+    captured = intermediates["attention_weights"].get_value()
     assert len(captured) == 2 and captured[0].shape == (2, 4, 7, 7)
     np.testing.assert_allclose(np.asarray(captured[0]).sum(-1), 1.0, atol=1e-6)
     np.testing.assert_array_equal(np.triu(np.asarray(captured[0])[0, 0], 1), 0.0)

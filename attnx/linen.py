@@ -16,6 +16,7 @@ NNX module are reachable as methods of the adapter inside `@nn.compact`
 RNG streams: Linen's 'params' and 'dropout' streams feed the NNX module's.
 """
 
+import inspect
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -25,8 +26,11 @@ from attnx import layers
 
 
 def _adapter(nnx_class: type[nnx.Module]) -> Callable[..., nn.Module]:
+    # Parameter-free modules (sinusoidal positions) take no rngs.
+    skip_rng = "rngs" not in inspect.signature(nnx_class.__init__).parameters
+
     def make(*args, name: str | None = None, **kwargs) -> nn.Module:
-        return nnx.bridge.to_linen(nnx_class, *args, name=name, **kwargs)
+        return nnx.bridge.to_linen(nnx_class, *args, name=name, skip_rng=skip_rng, **kwargs)
 
     make.__name__ = make.__qualname__ = nnx_class.__name__
     make.__doc__ = (
@@ -37,3 +41,11 @@ def _adapter(nnx_class: type[nnx.Module]) -> Callable[..., nn.Module]:
 
 
 MultiHeadAttention = _adapter(layers.MultiHeadAttention)
+AdditiveAttention = _adapter(layers.AdditiveAttention)
+LuongAttention = _adapter(layers.LuongAttention)
+LocalAttention = _adapter(layers.LocalAttention)
+MultiStepAttention = _adapter(layers.MultiStepAttention)
+SpatialAttention = _adapter(layers.SpatialAttention)
+SinusoidalPositions = _adapter(layers.SinusoidalPositions)
+LearnedPositions = _adapter(layers.LearnedPositions)
+RelativePositionBias = _adapter(layers.RelativePositionBias)

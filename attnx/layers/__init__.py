@@ -6,12 +6,17 @@ Functional core (any JAX code can call these):
   scores (dot, scaled dot, general, additive, location).
 
 NNX modules (parameters with logical axis names; `sow_weights=True` sows
-attention weights into `nnx.Intermediate`): MultiHeadAttention, ...
+attention weights into `nnx.Intermediate`, collected with `nnx.capture`):
+  MultiHeadAttention (Transformer), AdditiveAttention (Bahdanau),
+  LuongAttention and LocalAttention (Luong), MultiStepAttention (ConvS2S),
+  SpatialAttention (Show, Attend and Tell); positions: SinusoidalPositions,
+  LearnedPositions, RelativePositionBias, apply_rotary.
 
 Linen adapters of every module live in `attnx.linen`.
 """
 
 from attnx.layers.attention import IMPLEMENTATIONS, MaskSpec, attention, select_implementation
+from attnx.layers.luong_attention import LocalAttention, LuongAttention
 from attnx.layers.masks import (
     causal_mask,
     combine_masks,
@@ -21,7 +26,17 @@ from attnx.layers.masks import (
     segment_mask,
 )
 from attnx.layers.multi_head import MultiHeadAttention
+from attnx.layers.multi_step import MultiStepAttention
 from attnx.layers.normalizers import entmax15, get_normalizer, softmax, sparsemax
+from attnx.layers.positions import (
+    LearnedPositions,
+    RelativePositionBias,
+    SinusoidalPositions,
+    apply_rotary,
+    relative_position_bucket,
+    sinusoidal_positions,
+)
+from attnx.layers.recurrent_attention import AdditiveAttention, AttentionMemory
 from attnx.layers.scores import (
     additive_scores,
     dot_scores,
@@ -29,6 +44,23 @@ from attnx.layers.scores import (
     location_scores,
     scaled_dot_scores,
 )
+from attnx.layers.spatial import (
+    SpatialAttention,
+    SpatialMemory,
+    doubly_stochastic_penalty,
+    location_entropy,
+    sample_location,
+)
 
 # The NNX modules that attnx.linen adapts.
-PUBLIC_MODULES = (MultiHeadAttention,)
+PUBLIC_MODULES = (
+    MultiHeadAttention,
+    AdditiveAttention,
+    LuongAttention,
+    LocalAttention,
+    MultiStepAttention,
+    SpatialAttention,
+    SinusoidalPositions,
+    LearnedPositions,
+    RelativePositionBias,
+)

@@ -1,0 +1,423 @@
+"""grain input pipelines: from a random-access source to global batches.
+
+The pipeline, in grain's Dataset API:
+
+  example indices
+    -> this process's shard (every process reads a disjoint slice)
+    -> seeded shuffle, reshuffled every epoch
+    -> repeat (training) or one pass (evaluation)
+    -> read + tokenise (+ image to float) + length policy
+    -> pad to fixed shapes, or pack several examples per row
+    -> batch (fixed shapes, so jit never recompiles)
+    -> optional worker processes
+    -> global `jax.Array`s on the mesh
+
+Batches are dicts of arrays:
+
+  'inputs'   [B, S] int32   source ids, ending with eos (text tasks)
+  'image'    [B, H, W, C] float32 in [0, 1]   (captioning tasks)
+  'targets'  [B, T] int32   target ids, ending with eos; 0 is padding. The
+                            model shifts right and prepends bos itself.
+  packed rows also carry 'inputs_segmentation', 'inputs_position',
+  'targets_segmentation', 'targets_position' [B, S|T] int32 (Flax WMT / T5
+  convention): segment ids count the examples of a row from 1, 0 marks
+  padding; positions restart at 0 in every example.
+
+A row whose targets are all padding holds no example: evaluation (a finite
+number of epochs) pads the last batch, and the shard of every process to the
+same length, with such rows (so all processes run the same number of steps),
+and replaces an example that is too long (length_policy='drop') by one.
+Packed evaluation drops them instead, so with several processes its number
+of batches may differ between processes.
+
+The iterator's state (`get_state()` / `set_state()`) is a JSON-serialisable
+dict, so training saves it in its checkpoint and resumes on the next batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+from absl import flags
+from PIL import Image
+
+from attnx.data import tasks as tasks_lib
+from attnx.data import tokenizers as tokenizers_lib
+
+LENGTH_POLICIES = ("drop", "truncate")
+# Index of the padding examples that even out process shards in evaluation.
+_NO_EXAMPLE = -1
+# Packed-feature names in grain's packing -> attnx (Flax WMT / T5) names.
+_PACKING_KEYS = {"_segment_ids": "_segmentation", "_positions": "_position"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Preprocess(grain.transforms.RandomMap):
+    """Reads example `index` and turns it into unbatched model inputs.
+
+    A dataclass of picklable fields, so worker processes can run it. Returns
+    None for an example that is too long under length_policy='drop' in
+    training; an empty example (all padding) in evaluation.
+    """
+
+    source: Sequence[Mapping[str, Any]]
+    task: tasks_lib.Task
+    tokenizer: tokenizers_lib.Tokenizer
+    max_source_length: int
+    max_target_length: int
+    length_policy: str
+    pad: bool
+    drop_as_empty: bool
+    image_size: tuple[int, int] | None
+    extra_fields: tuple[tuple[str, tuple[int, ...]], ...]
+
+    def random_map(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray] | None:
+        index = int(index)
+        if index == _NO_EXAMPLE:
+            return self._empty() if self.drop_as_empty else None
+        record = self.source[index]
+        if isinstance(self.task, tasks_lib.TextPairTask):
+            example = {
+                "inputs": self._ids(self.task.source_text(record), self.max_source_length),
+                "targets": self._ids(self.task.target_text(record), self.max_target_length),
+            }
+        else:
+            example = {
+                "image": self._image(self.task.image(record)),
+                "targets": self._ids(self.task.caption(record, rng), self.max_target_length),
+            }
+        if any(value is None for value in example.values()):
+            return self._empty() if self.drop_as_empty else None
+        for name, shape in self.extra_fields:
+            example[name] = _pad_field(name, np.asarray(record[name]), shape)
+        if self.pad:
+            for key in ("inputs", "targets"):
+                if key in example:
+                    example[key] = _pad_1d(example[key], self._max_length(key))
+        return example
+
+    def _max_length(self, key: str) -> int:
+        return self.max_source_length if key == "inputs" else self.max_target_length
+
+    def _ids(self, text: str, max_length: int) -> np.ndarray | None:
+        """Token ids of `text` followed by eos, or None if too long to keep."""
+        ids = self.tokenizer.encode(text)
+        if len(ids) + 1 > max_length:
+            if self.length_policy == "drop":
+                return None
+            ids = ids[: max_length - 1]
+        return np.append(ids, tokenizers_lib.EOS_ID).astype(np.int32)
+
+    def _image(self, image: np.ndarray) -> np.ndarray:
+        """uint8 [h, w, c] -> float32 [H, W, c] in [0, 1], resized to image_size if set."""
+        if self.image_size is not None and image.shape[:2] != tuple(self.image_size):
+            height, width = self.image_size
+            channels = image.shape[2]
+            pil = Image.fromarray(image[..., 0] if channels == 1 else image)
+            image = np.asarray(pil.resize((width, height), Image.BILINEAR))
+            image = image.reshape(height, width, channels)
+        return image.astype(np.float32) / 255.0
+
+    def _empty(self) -> dict[str, np.ndarray]:
+        """An all-padding example: it counts for nothing in losses and metrics."""
+        example: dict[str, np.ndarray] = {
+            "targets": np.zeros(self.max_target_length, np.int32),
+        }
+        if isinstance(self.task, tasks_lib.TextPairTask):
+            example["inputs"] = np.zeros(self.max_source_length, np.int32)
+        else:
+            image = self.task.image(self.source[0])
+            height, width = self.image_size or image.shape[:2]
+            example["image"] = np.zeros((height, width, image.shape[2]), np.float32)
+        for name, shape in self.extra_fields:
+            example[name] = np.full(shape, -1, np.int32)
+        return example
+
+
+def _is_example(example: dict[str, np.ndarray] | None) -> bool:
+    return example is not None
+
+
+def _pad_1d(ids: np.ndarray, length: int) -> np.ndarray:
+    return np.pad(ids, (0, length - len(ids)))
+
+
+def _pad_field(name: str, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Pads an extra field to `shape` with -1 (0 is a valid index or coordinate)."""
+    if value.ndim != len(shape) or any(v > s for v, s in zip(value.shape, shape, strict=True)):
+        raise ValueError(f"Extra field {name!r} has shape {value.shape}, larger than {shape}.")
+    fill = -1 if np.issubdtype(value.dtype, np.integer) else np.nan
+    padded = np.full(shape, fill, value.dtype)
+    padded[tuple(slice(0, n) for n in value.shape)] = value
+    return padded
+
+
+def _rename_packing_keys(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    renamed = {}
+    for key, value in row.items():
+        for grain_suffix, attnx_suffix in _PACKING_KEYS.items():
+            if key.endswith(grain_suffix):
+                key = key[: -len(grain_suffix)] + attnx_suffix
+        renamed[key] = value
+    return renamed
+
+
+def _pad_batch(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """Pads a short last batch with empty rows (0; -1 in extra fields)."""
+    padded = {}
+    for key, value in batch.items():
+        missing = rows - value.shape[0]
+        if missing == 0:
+            padded[key] = value
+            continue
+        fill = 0 if key in ("inputs", "targets", "image") else -1
+        filler = np.full((missing, *value.shape[1:]), fill, value.dtype)
+        padded[key] = np.concatenate([value, filler])
+    return padded
+
+
+def to_global_batch(
+    batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding
+) -> dict[str, jax.Array]:
+    """Assembles the per-process batches of all processes into global arrays.
+
+    Args:
+      batch: this process's rows, arrays [B_local, ...].
+      sharding: where the global batch lives, e.g.
+        NamedSharding(mesh, P(('data', 'fsdp'))); its leading axis splits rows.
+
+    Returns:
+      The global batch, arrays [B_local * process_count, ...].
+    """
+    return {
+        key: jax.make_array_from_process_local_data(sharding, np.asarray(value))
+        for key, value in batch.items()
+    }
+
+
+class BatchIterator(Iterator[dict[str, Any]]):
+    """Iterates over batches; checkpointable through get_state / set_state.
+
+    Yields numpy per-process batches, or global `jax.Array`s when built with a
+    sharding.
+    """
+
+    def __init__(self, dataset: grain.IterDataset, sharding: jax.sharding.Sharding | None):
+        self._iterator = iter(dataset)
+        self._sharding = sharding
+
+    def __iter__(self) -> BatchIterator:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        batch = next(self._iterator)
+        if self._sharding is None:
+            return batch
+        return to_global_batch(batch, self._sharding)
+
+    def get_state(self) -> dict[str, Any]:
+        """The position in the data, a JSON-serialisable dict."""
+        return self._iterator.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Moves to the position `state` returned by `get_state`."""
+        self._iterator.set_state(state)
+
+    def close(self) -> None:
+        """Stops worker processes and prefetch threads, and frees their shared memory."""
+        self._iterator.close()
+
+    def __enter__(self) -> BatchIterator:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def make_pipeline(
+    source: Sequence[Mapping[str, Any]],
+    task: tasks_lib.Task,
+    tokenizer: tokenizers_lib.Tokenizer,
+    *,
+    max_target_length: int,
+    max_source_length: int | None = None,
+    batch_size: int | None = None,
+    tokens_per_batch: int | None = None,
+    length_policy: str = "drop",
+    packing: bool = False,
+    num_epochs: int | None = None,
+    shuffle: bool = True,
+    seed: int = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    worker_count: int = 0,
+    worker_buffer_size: int = 2,
+    image_size: tuple[int, int] | None = None,
+    extra_fields: Mapping[str, Sequence[int]] | None = None,
+    sharding: jax.sharding.Sharding | None = None,
+) -> BatchIterator:
+    """Builds the input pipeline of one process.
+
+    Args:
+      source: random access records (`tfds.data_source(...)`, or any object
+        with __len__ and __getitem__ returning dicts).
+      task: how records become inputs (`tasks.get_task`).
+      tokenizer: turns the text into ids.
+      max_target_length: T, the length of 'targets' rows (eos included).
+      max_source_length: S, the length of 'inputs' rows (text tasks only).
+      batch_size: global number of rows per batch (all processes together).
+      tokens_per_batch: instead of batch_size: global rows =
+        tokens_per_batch // max(S, T); with packing every row holds several
+        examples, so this bounds the tokens of a step, not the examples.
+      length_policy: 'drop' examples longer than the maximum lengths, or
+        'truncate' them (eos is kept).
+      packing: pack several examples per row (text tasks); adds the
+        segmentation / position keys.
+      num_epochs: None repeats forever (training); n makes n passes and pads
+        the last batch (evaluation).
+      shuffle: reshuffle (seeded) at every epoch.
+      seed: seed of shuffling, packing and caption choice.
+      process_index: this process, default `jax.process_index()`.
+      process_count: number of processes, default `jax.process_count()`.
+      worker_count: number of worker processes (0 = none, read in threads).
+      worker_buffer_size: batches each worker keeps ready.
+      image_size: (H, W) to which images are resized; needed when images differ
+        in size.
+      extra_fields: record fields to carry along for evaluation, each padded
+        with -1 to the given shape, e.g. {'boxes': (5, 4)}; not with packing.
+      sharding: if given, batches come as global `jax.Array`s with this sharding
+        (see `to_global_batch`); else as this process's numpy arrays.
+
+    Returns:
+      A checkpointable iterator over batches.
+
+    Raises:
+      ValueError / KeyError naming the wrong argument or record field, before
+      any data is read beyond the first record.
+    """
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    text_task = isinstance(task, tasks_lib.TextPairTask)
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, {process_count}).")
+    if length_policy not in LENGTH_POLICIES:
+        raise ValueError(f"length_policy={length_policy!r}, expected one of {LENGTH_POLICIES}.")
+    if text_task and (max_source_length is None or max_source_length < 2):
+        raise ValueError(
+            f"Dataset {task.dataset!r}: max_source_length must be >= 2, got {max_source_length}."
+        )
+    if not text_task:
+        if max_source_length is not None:
+            raise ValueError(f"Dataset {task.dataset!r} has images: max_source_length is unused.")
+        if packing:
+            raise ValueError(f"Dataset {task.dataset!r}: packing applies only to text tasks.")
+    if max_target_length < 2:
+        raise ValueError(f"max_target_length must be >= 2, got {max_target_length}.")
+    if extra_fields and packing:
+        raise ValueError("extra_fields cannot be carried through packing.")
+    if (batch_size is None) == (tokens_per_batch is None):
+        raise ValueError("Give exactly one of batch_size and tokens_per_batch.")
+    if tokens_per_batch is not None:
+        batch_size = tokens_per_batch // max(max_source_length or 0, max_target_length)
+    if batch_size <= 0 or batch_size % process_count:
+        raise ValueError(
+            f"The global batch has {batch_size} rows, which must be a positive multiple of "
+            f"process_count={process_count}."
+        )
+    if num_epochs is not None and num_epochs < 1:
+        raise ValueError(f"num_epochs must be None or >= 1, got {num_epochs}.")
+    if len(source) == 0:
+        raise ValueError(f"Dataset {task.dataset!r}: the source is empty.")
+    task.check_record(source[0])
+    for name in extra_fields or {}:
+        if name not in source[0]:
+            raise KeyError(f"Dataset {task.dataset!r}: no field {name!r} for extra_fields.")
+    local_batch_size = batch_size // process_count
+    training = num_epochs is None
+
+    # Every process takes every process_count-th example: disjoint shards that
+    # together hold each example once.
+    indices = grain.MapDataset.range(len(source))
+    indices = indices.slice(slice(process_index, None, process_count))
+    if not training:
+        # Even out the shards, so every process runs the same number of steps.
+        missing = math.ceil(len(source) / process_count) - len(indices)
+        if missing:
+            filler = grain.MapDataset.source([_NO_EXAMPLE] * missing)
+            indices = grain.MapDataset.concatenate([indices, filler])
+    if shuffle:
+        indices = indices.shuffle(seed=seed)
+    indices = indices.repeat(num_epochs)
+
+    preprocess = _Preprocess(
+        source=source,
+        task=task,
+        tokenizer=tokenizer,
+        max_source_length=max_source_length or 0,
+        max_target_length=max_target_length,
+        length_policy=length_policy,
+        pad=not packing,
+        # Packing has no fixed number of rows per epoch to keep equal, and an
+        # empty example would take a whole row.
+        drop_as_empty=not training and not packing,
+        image_size=tuple(image_size) if image_size is not None else None,
+        extra_fields=tuple((k, tuple(v)) for k, v in (extra_fields or {}).items()),
+    )
+    examples = indices.random_map(preprocess, seed=seed).filter(_is_example)
+    dataset = examples.to_iter_dataset()
+
+    if packing:
+        dataset = grain.experimental.FirstFitPackIterDataset(
+            dataset,
+            length_struct={"inputs": max_source_length, "targets": max_target_length},
+            num_packing_bins=local_batch_size,
+            seed=seed,
+            shuffle_bins=shuffle,
+        )
+        dataset = dataset.map(_rename_packing_keys)
+    dataset = dataset.batch(local_batch_size, drop_remainder=training)
+    if not training:
+        dataset = dataset.map(functools.partial(_pad_batch, rows=local_batch_size))
+    if worker_count > 0:
+        # grain's workers read absl flags; outside absl.app (tests, notebooks)
+        # nothing has parsed them, so take their defaults.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        dataset = dataset.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=worker_count, per_worker_buffer_size=worker_buffer_size
+            )
+        )
+    return BatchIterator(dataset, sharding)
+
+
+def build_or_load_task_tokenizer(
+    kind: str,
+    directory: str,
+    task: tasks_lib.Task,
+    train_source: Sequence[Mapping[str, Any]],
+    vocab_size: int | None = None,
+    *,
+    max_sentences: int = 1_000_000,
+) -> tokenizers_lib.Tokenizer:
+    """Loads the run's tokenizer from `directory`, or builds it from the training split.
+
+    The character vocabulary reads every training record; SentencePiece reads
+    up to `max_sentences` records spread over the split (source and target
+    text share one vocabulary, as in the Flax WMT example).
+    """
+    max_records = len(train_source) if kind == "char" else max_sentences
+    return tokenizers_lib.build_or_load_tokenizer(
+        kind,
+        directory,
+        lambda: tasks_lib.sample_texts(task, train_source, max_records),
+        vocab_size,
+        max_sentences=2 * max_sentences,
+    )

@@ -390,6 +390,11 @@ def attention(
     if implementation in ("xla", "cudnn"):
         if dropout_rate > 0.0:
             raise ValueError(f"attention: implementation {implementation!r} has no dropout")
+        if value.shape[-1] != query.shape[-1]:
+            raise ValueError(
+                f"attention: implementation {implementation!r} needs value_dim == head_dim, got "
+                f"{value.shape[-1]} and {query.shape[-1]}; use 'reference' or 'chunked'"
+            )
         return _dot_product_attention(
             query, key, value, spec=spec, bias=bias, scale=scale, implementation=implementation
         )

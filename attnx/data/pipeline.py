@@ -27,8 +27,11 @@ A row whose targets are all padding holds no example: evaluation (a finite
 number of epochs) pads the last batch, and the shard of every process to the
 same length, with such rows (so all processes run the same number of steps),
 and replaces an example that is too long (length_policy='drop') by one.
-Packed evaluation drops them instead, so with several processes its number
-of batches may differ between processes.
+Packed evaluation packs only real examples; since the number of rows a shard
+packs into depends on its lengths, every process counts the packed batches of
+every shard and appends empty batches up to the largest count, so here too all
+processes run the same number of steps (a multi-host evaluation step is a
+collective: one process short of batches would hang the others).
 
 The iterator's state (`get_state()` / `set_state()`) is a JSON-serialisable
 dict, so training saves it in its checkpoint and resumes on the next batch.
@@ -183,6 +186,57 @@ def _pad_batch(batch: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]
     return padded
 
 
+def _empty_packed_batch(rows: int, source_length: int, target_length: int) -> dict:
+    """A batch of packed rows holding no example (segment 0 everywhere)."""
+    lengths = {"inputs": source_length, "targets": target_length}
+    batch = {}
+    for name, length in lengths.items():
+        for suffix in ("", "_segmentation", "_position"):
+            batch[name + suffix] = np.zeros((rows, length), np.int32)
+    return batch
+
+
+def _shard_rows(
+    shard: int,
+    *,
+    num_records: int,
+    process_count: int,
+    preprocess: _Preprocess,
+    num_epochs: int | None,
+    shuffle: bool,
+    seed: int,
+    packed_lengths: dict[str, int] | None,
+    local_batch_size: int,
+) -> grain.IterDataset:
+    """The unbatched rows of process `shard`: examples, or packed rows if packed_lengths."""
+    training = num_epochs is None
+    # Every process takes every process_count-th example: disjoint shards that
+    # together hold each example once.
+    indices = grain.MapDataset.range(num_records)
+    indices = indices.slice(slice(shard, None, process_count))
+    if not training:
+        # Even out the shards, so every process runs the same number of steps.
+        missing = math.ceil(num_records / process_count) - len(indices)
+        if missing:
+            filler = grain.MapDataset.source([_NO_EXAMPLE] * missing)
+            indices = grain.MapDataset.concatenate([indices, filler])
+    if shuffle:
+        indices = indices.shuffle(seed=seed)
+    indices = indices.repeat(num_epochs)
+    examples = indices.random_map(preprocess, seed=seed).filter(_is_example)
+    rows = examples.to_iter_dataset()
+    if packed_lengths is not None:
+        rows = grain.experimental.FirstFitPackIterDataset(
+            rows,
+            length_struct=packed_lengths,
+            num_packing_bins=local_batch_size,
+            seed=seed,
+            shuffle_bins=shuffle,
+        )
+        rows = rows.map(_rename_packing_keys)
+    return rows
+
+
 def to_global_batch(
     batch: Mapping[str, np.ndarray], sharding: jax.sharding.Sharding
 ) -> dict[str, jax.Array]:
@@ -281,12 +335,16 @@ def make_pipeline(
       packing: pack several examples per row (text tasks); adds the
         segmentation / position keys.
       num_epochs: None repeats forever (training); n makes n passes and pads
-        the last batch (evaluation).
+        the last batch (evaluation). Every process yields the same number of
+        batches; with packing, each process tokenises the whole split once more
+        to count them (see the module docstring).
       shuffle: reshuffle (seeded) at every epoch.
       seed: seed of shuffling, packing and caption choice.
       process_index: this process, default `jax.process_index()`.
       process_count: number of processes, default `jax.process_count()`.
-      worker_count: number of worker processes (0 = none, read in threads).
+      worker_count: number of worker processes (0 = none, read in threads);
+        at most 1 for packed evaluation, whose batch count is computed for one
+        stream of rows (several workers would each pack a slice).
       worker_buffer_size: batches each worker keeps ready.
       image_size: (H, W) to which images are resized; needed when images differ
         in size.
@@ -322,6 +380,11 @@ def make_pipeline(
         raise ValueError(f"max_target_length must be >= 2, got {max_target_length}.")
     if extra_fields and packing:
         raise ValueError("extra_fields cannot be carried through packing.")
+    if packing and num_epochs is not None and worker_count > 1:
+        raise ValueError(
+            f"worker_count={worker_count}: packed evaluation (num_epochs={num_epochs}) "
+            "supports at most 1 worker process, so that every process can count its batches."
+        )
     if (batch_size is None) == (tokens_per_batch is None):
         raise ValueError("Give exactly one of batch_size and tokens_per_batch.")
     if tokens_per_batch is not None:
@@ -342,20 +405,6 @@ def make_pipeline(
     local_batch_size = batch_size // process_count
     training = num_epochs is None
 
-    # Every process takes every process_count-th example: disjoint shards that
-    # together hold each example once.
-    indices = grain.MapDataset.range(len(source))
-    indices = indices.slice(slice(process_index, None, process_count))
-    if not training:
-        # Even out the shards, so every process runs the same number of steps.
-        missing = math.ceil(len(source) / process_count) - len(indices)
-        if missing:
-            filler = grain.MapDataset.source([_NO_EXAMPLE] * missing)
-            indices = grain.MapDataset.concatenate([indices, filler])
-    if shuffle:
-        indices = indices.shuffle(seed=seed)
-    indices = indices.repeat(num_epochs)
-
     preprocess = _Preprocess(
         source=source,
         task=task,
@@ -364,27 +413,45 @@ def make_pipeline(
         max_target_length=max_target_length,
         length_policy=length_policy,
         pad=not packing,
-        # Packing has no fixed number of rows per epoch to keep equal, and an
-        # empty example would take a whole row.
+        # An empty example would take a whole packed row: packed evaluation
+        # drops them and evens out the processes with empty batches instead.
         drop_as_empty=not training and not packing,
         image_size=tuple(image_size) if image_size is not None else None,
         extra_fields=tuple((k, tuple(v)) for k, v in (extra_fields or {}).items()),
     )
-    examples = indices.random_map(preprocess, seed=seed).filter(_is_example)
-    dataset = examples.to_iter_dataset()
-
-    if packing:
-        dataset = grain.experimental.FirstFitPackIterDataset(
-            dataset,
-            length_struct={"inputs": max_source_length, "targets": max_target_length},
-            num_packing_bins=local_batch_size,
-            seed=seed,
-            shuffle_bins=shuffle,
-        )
-        dataset = dataset.map(_rename_packing_keys)
+    shard_rows = functools.partial(
+        _shard_rows,
+        num_records=len(source),
+        process_count=process_count,
+        preprocess=preprocess,
+        num_epochs=num_epochs,
+        shuffle=shuffle,
+        seed=seed,
+        packed_lengths=(
+            {"inputs": max_source_length, "targets": max_target_length} if packing else None
+        ),
+        local_batch_size=local_batch_size,
+    )
+    dataset = shard_rows(process_index)
+    missing_batches = 0
+    if packing and not training:
+        # How many rows a shard packs into depends on its examples' lengths.
+        # Every process packs every shard (tokenising, not training on, the
+        # whole evaluation split) to learn the largest count, and pads up to it
+        # with empty batches, so all processes run the same number of steps.
+        counts = [
+            math.ceil(sum(1 for _ in shard_rows(shard)) / local_batch_size)
+            for shard in range(process_count)
+        ]
+        missing_batches = max(counts) - counts[process_index]
     dataset = dataset.batch(local_batch_size, drop_remainder=training)
     if not training:
         dataset = dataset.map(functools.partial(_pad_batch, rows=local_batch_size))
+    if missing_batches:
+        empty = _empty_packed_batch(local_batch_size, max_source_length, max_target_length)
+        filler = grain.MapDataset.source([empty]).repeat(missing_batches)
+        # cycle_length=1 chains the datasets: this shard's batches, then the filler.
+        dataset = grain.experimental.InterleaveIterDataset([dataset, filler], cycle_length=1)
     if worker_count > 0:
         # grain's workers read absl flags; outside absl.app (tests, notebooks)
         # nothing has parsed them, so take their defaults.

@@ -13,6 +13,13 @@ use and so needs network access. Names are TFDS names:
 `load_source` returns `tfds.data_source`'s random-access view over the
 ArrayRecord files (no TensorFlow), the input of a grain pipeline. Text features
 come back as UTF-8 `bytes`.
+
+Some TFDS builders need TensorFlow in their own code (`coco_captions` declares a
+feature as `tf.int64`), so without TensorFlow not even their builder object can
+be made. Such a dataset is prepared on a machine that has TensorFlow
+(`tfds build coco_captions --file_format=array_record`), its directory is
+copied into `data_dir`, and attnx reads it with `tfds.builder_from_directory`,
+which needs no builder code: the directory describes its own features.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from collections.abc import Sequence
 
 import tensorflow_datasets as tfds
 from absl import logging
+from etils import epath
 
 # Importing the builders registers them with TFDS under their names.
 from attnx.data.dates import Dates
@@ -130,7 +138,9 @@ def prepare(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
 
     A bundled dataset is generated on first use (a few seconds to half a minute,
     with progress bars); a TFDS dataset is downloaded and prepared by TFDS.
-    Later calls find the files and return at once.
+    Later calls find the files and return at once. A TFDS dataset whose builder
+    code needs TensorFlow (not installed) is read from the directory prepared
+    elsewhere (see the module docstring) without its builder code.
 
     Args:
       name: 'dataset[/config][:version]', e.g. 'dates', 'number_words/en_fr',
@@ -143,14 +153,114 @@ def prepare(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
 
     Raises:
       ValueError: for an unknown dataset or config, naming it.
+      FileNotFoundError: for a dataset whose builder needs TensorFlow and that
+        was not prepared in `data_dir`; the message says how to prepare it.
     """
-    check_name(name)
-    builder = tfds.builder(name, data_dir=data_dir, file_format=FILE_FORMAT)
+    builder_cls = check_name(name)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir, file_format=FILE_FORMAT)
+    except ImportError as error:
+        if not _needs_tensorflow(error):
+            raise
+        return _prepared_elsewhere(name, builder_cls, data_dir, error)
     logging.info("Preparing %s in %s", name, builder.data_dir)
     start = time.perf_counter()
-    builder.download_and_prepare(file_format=FILE_FORMAT)
+    try:
+        builder.download_and_prepare(file_format=FILE_FORMAT)
+    except ImportError as error:
+        # The builder object exists but generating the files needs TensorFlow.
+        if not _needs_tensorflow(error):
+            raise
+        data_root = data_dir or tfds.core.constants.DATA_DIR
+        message = _how_to_prepare(
+            name,
+            builder_cls.name,
+            builder.builder_config and builder.builder_config.name,
+            data_root,
+            builder.data_dir,
+        )
+        raise FileNotFoundError(message) from error
     logging.info("%s is ready (%.1f s)", name, time.perf_counter() - start)
     return builder
+
+
+def _needs_tensorflow(error: BaseException) -> bool:
+    """Whether `error`, or an error it was raised from, is TensorFlow failing to import."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ModuleNotFoundError):
+            # TFDS re-raises with a new message; the original keeps the module name.
+            module = error.name or ""
+            if module.split(".")[0] == "tensorflow":
+                return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _how_to_prepare(
+    name: str, dataset: str, config: str | None, data_dir: str, expected: str
+) -> str:
+    """The error message for a dataset that needs TensorFlow to prepare and is not prepared."""
+    target = f"{dataset}/{config}" if config else dataset
+    return (
+        f"Dataset {name!r} is not prepared: no {expected}. The TFDS builder of {dataset!r} "
+        "needs TensorFlow, which attnx does not install, so prepare it on a machine with "
+        "TensorFlow and network access:\n"
+        "  pip install tensorflow tensorflow-datasets\n"
+        f"  tfds build {target} --file_format={FILE_FORMAT} --data_dir=/tmp/tfds\n"
+        f"then copy the directory /tmp/tfds/{dataset} to {epath.Path(data_dir) / dataset} "
+        "on this machine."
+    )
+
+
+def _default_config(builder_cls: type[tfds.core.DatasetBuilder]) -> str | None:
+    """The config TFDS picks when a name gives none (as DatasetBuilder does)."""
+    if not builder_cls.BUILDER_CONFIGS:
+        return None
+    return builder_cls.DEFAULT_BUILDER_CONFIG_NAME or builder_cls.BUILDER_CONFIGS[0].name
+
+
+def _prepared_versions(config_dir: epath.Path) -> list[tfds.core.Version]:
+    """Versions fully prepared under `config_dir`, oldest first."""
+    if not config_dir.is_dir():
+        return []
+    versions = []
+    for child in config_dir.iterdir():
+        # TFDS writes into 'incomplete.*' directories and renames them when done.
+        if tfds.core.Version.is_valid(child.name) and (child / "dataset_info.json").exists():
+            versions.append(tfds.core.Version(child.name))
+    return sorted(versions)
+
+
+def _prepared_elsewhere(
+    name: str,
+    builder_cls: type[tfds.core.DatasetBuilder],
+    data_dir: str | None,
+    error: ImportError,
+) -> tfds.core.DatasetBuilder:
+    """Opens a dataset prepared on another machine, without its builder code.
+
+    Reads `<data_dir>/<dataset>/<config>/<version>`: the version named in
+    `name` (wildcards allowed, e.g. ':1.*.*'), else the newest one prepared.
+    """
+    dataset, config = _parse_name(name)
+    config = config or _default_config(builder_cls)
+    requested = name.partition(":")[2] or None
+    data_root = data_dir or tfds.core.constants.DATA_DIR
+    config_dir = epath.Path(data_root) / dataset
+    if config:
+        config_dir /= config
+    versions = _prepared_versions(config_dir)
+    if requested:
+        versions = [v for v in versions if v.match(requested)]
+    if not versions:
+        expected = config_dir / (requested or "<version>") / "dataset_info.json"
+        message = _how_to_prepare(name, dataset, config, data_root, str(expected))
+        raise FileNotFoundError(message) from error
+    builder_dir = config_dir / str(versions[-1])
+    logging.info("%s needs TensorFlow to build; reading it from %s", name, builder_dir)
+    return tfds.builder_from_directory(builder_dir)
 
 
 def load_source(name: str, split: str, data_dir: str | None = None):
@@ -167,6 +277,8 @@ def load_source(name: str, split: str, data_dir: str | None = None):
 
     Raises:
       ValueError: for an unknown dataset, config or split, naming it.
+      FileNotFoundError: for a dataset whose builder needs TensorFlow and that
+        was not prepared in `data_dir`; the message says how to prepare it.
     """
     builder_cls = check_name(name)
     if builder_cls.name in BUNDLED_BUILDERS:

@@ -233,8 +233,11 @@ def open_source(name: str, split: str, data_dir: str | None = None) -> Sequence[
     One code path for every dataset (`attnx.data.prepare.load_source`): a
     bundled dataset is generated offline on first use; any other TFDS dataset
     is read from its ArrayRecord files in `data_dir` (prepared as BUILD.md
-    shows; TFDS downloads it if missing, which needs network access).
-    Raises a ValueError naming an unknown dataset, config or split.
+    shows; TFDS downloads it if missing, which needs network access). A
+    dataset whose TFDS builder needs TensorFlow, such as 'coco_captions', is
+    prepared on a machine with TensorFlow and copied into `data_dir`.
+    Raises a ValueError naming an unknown dataset, config or split, and a
+    FileNotFoundError saying how to prepare a dataset that needs TensorFlow.
     """
     # Imported here: the bundled builders pull in babel, num2words and
     # scikit-learn, which the rest of this module does not need.

@@ -121,6 +121,40 @@ def test_two_processes_read_each_example_once_per_epoch():
     assert batch_counts[0] == batch_counts[1]
     assert sorted(seen) == list(range(NUM_EXAMPLES))
 
+    # Packed evaluation: the shards pack into different numbers of rows (4 and 3
+    # batches of 2 here), so the shorter one is padded with empty batches.
+    source = tiny_source()
+    tokenizer = tiny_tokenizer(source)
+    seen, batch_counts, batches_with_examples = [], [], []
+    for process_index in range(2):
+        batches = list(
+            tiny_pipeline(
+                True, num_epochs=1, process_index=process_index, process_count=2, batch_size=4
+            )
+        )
+        batch_counts.append(len(batches))
+        batches_with_examples.append(sum(b["inputs_segmentation"].max() > 0 for b in batches))
+        for batch in batches:
+            assert {k: v.shape for k, v in batch.items()} == {
+                "inputs": (2, 12),
+                "inputs_segmentation": (2, 12),
+                "inputs_position": (2, 12),
+                "targets": (2, 8),
+                "targets_segmentation": (2, 8),
+                "targets_position": (2, 8),
+            }
+            owner = owners(batch["inputs"], tokenizer, SOURCE_BASE)
+            for row, segments in enumerate(batch["inputs_segmentation"]):
+                # The first token of each segment says which example it holds.
+                starts = np.flatnonzero(batch["inputs_position"][row] == 0)
+                seen.extend(owner[row, starts[segments[starts] > 0]].tolist())
+            empty = batch["targets_segmentation"].max(axis=1) == 0
+            for value in batch.values():
+                assert (value[empty] == 0).all()
+    assert batch_counts[0] == batch_counts[1]
+    assert sorted(batches_with_examples) == [3, 4], "the test must need padding"
+    assert sorted(seen) == list(range(NUM_EXAMPLES))
+
     # Training: shuffled, repeated; the first epoch of each process (12 examples
     # each for 24 examples) covers the dataset once.
     source = tiny_source(24)
@@ -244,6 +278,8 @@ def test_bad_arguments_are_named():
         tiny_pipeline(False, extra_fields={"alignment": (8,)})
     with pytest.raises(ValueError, match="extra_fields"):
         tiny_pipeline(True, extra_fields={"id": ()})
+    with pytest.raises(ValueError, match="worker_count=2: packed evaluation"):
+        tiny_pipeline(True, num_epochs=1, worker_count=2)
 
 
 def test_captioning_batches_images_targets_and_boxes():

@@ -1,0 +1,219 @@
+"""Image encoders that turn pixels into a grid of annotation vectors (Xu et al. 2015, sec. 3.1.1).
+
+"Show, Attend and Tell" reads an image through a convolutional network and
+keeps a lower convolutional layer, not the fully connected ones, so that each
+of the L = H x W feature vectors a_i (C channels) describes one region:
+
+  a = {a_1, ..., a_L},  a_i in R^C.
+
+Three encoders produce that `[batch, H, W, C]` grid:
+
+* `ConvEncoder` with the `DIGITS_BLOCKS` layout: conv 32/64/128 (3x3, ReLU),
+  each followed by a 2x2 max-pool, so a 64 x 64 x 1 canvas of the bundled
+  `digit_captions` task becomes an 8 x 8 x 128 grid (the "spatial cpu-small"
+  setting of the benchmarks).
+* `ConvEncoder` with `VGG19_BLOCKS` and `pool_last_block=False`: the sixteen
+  3x3 convolutions of VGG-19 (Simonyan & Zisserman 2014, configuration E) up to
+  conv5_4, before the last max-pool. A 224 x 224 x 3 image gives the paper's
+  14 x 14 x 512 grid (sec. 4.3, 5.1: L = 196, C = 512). The paper uses an
+  ImageNet-trained VGG without fine-tuning; load such weights into the
+  parameters, or precompute the features and use `PrecomputedFeatures`.
+  Inputs are expected already normalised (e.g. mean-subtracted RGB).
+* `PrecomputedFeatures`: the identity on feature maps computed elsewhere.
+
+Parameters carry logical axis names: a convolution kernel `[kh, kw, in, out]`
+is named `(None, 'conv_width', None, 'channels')` (only the output channels
+are worth sharding; one name may not appear twice in a parameter).
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from attnx.layers.params import Initializer, param
+
+Array = jax.Array
+
+# Channels of each block; a block is a run of 3x3 convolutions (ReLU) followed by a 2x2 max-pool.
+DIGITS_BLOCKS: tuple[tuple[int, ...], ...] = ((32,), (64,), (128,))
+# VGG-19 (configuration E of Simonyan & Zisserman 2014): conv1_1 .. conv5_4.
+VGG19_BLOCKS: tuple[tuple[int, ...], ...] = (
+    (64, 64),
+    (128, 128),
+    (256, 256, 256, 256),
+    (512, 512, 512, 512),
+    (512, 512, 512, 512),
+)
+# VGG-16 (configuration D), for users with VGG-16 weights.
+VGG16_BLOCKS: tuple[tuple[int, ...], ...] = (
+    (64, 64),
+    (128, 128),
+    (256, 256, 256),
+    (512, 512, 512),
+    (512, 512, 512),
+)
+
+
+class Conv2D(nnx.Module):
+    """A 'SAME'-padded, stride-1 2-D convolution with bias, NHWC layout.
+
+    Attributes:
+      kernel: `[kernel_size, kernel_size, in_channels, out_channels]` (HWIO).
+      bias: `[out_channels]`.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        *,
+        kernel_init: Initializer = nnx.initializers.he_normal(),
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.dtype = dtype
+        self.kernel = param(
+            rngs,
+            kernel_init,
+            (kernel_size, kernel_size, in_channels, out_channels),
+            (None, "conv_width", None, "channels"),
+            param_dtype,
+        )
+        self.bias = param(
+            rngs, nnx.initializers.zeros_init(), (out_channels,), ("channels",), param_dtype
+        )
+
+    def __call__(self, x: Array) -> Array:
+        """`[batch, H, W, in_channels]` -> `[batch, H, W, out_channels]`."""
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype),
+            self.kernel[...].astype(self.dtype),
+            window_strides=(1, 1),
+            padding="SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return y + self.bias[...].astype(self.dtype)
+
+
+def max_pool_2x2(x: Array) -> Array:
+    """2x2 max-pool with stride 2 over `[batch, H, W, C]` (odd edges dropped, as 'VALID')."""
+    return jax.lax.reduce_window(
+        x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), padding="VALID"
+    )
+
+
+class ConvEncoder(nnx.Module):
+    """VGG-style convolutional encoder: blocks of 3x3 conv + ReLU, a 2x2 max-pool between blocks.
+
+    Args:
+      in_channels: channels of the input image (1 grayscale, 3 RGB).
+      blocks: output channels of every convolution, grouped by block, e.g.
+        `DIGITS_BLOCKS` or `VGG19_BLOCKS`.
+      pool_last_block: max-pool after the last block too. False for the
+        paper's VGG features, which are taken before the last pool (sec. 4.3).
+
+    Each pool halves H and W, so the grid is `image_size / 2**pools` per side.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        blocks: Sequence[Sequence[int]],
+        *,
+        pool_last_block: bool = True,
+        dtype: jnp.dtype = jnp.float32,
+        param_dtype: jnp.dtype = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if in_channels < 1:
+            raise ValueError(f"ConvEncoder: in_channels must be >= 1, got {in_channels}")
+        if not blocks or any(not block for block in blocks):
+            raise ValueError(
+                f"ConvEncoder: blocks must be non-empty lists of channels, got {blocks}"
+            )
+        if any(c < 1 for block in blocks for c in block):
+            raise ValueError(f"ConvEncoder: every channel count must be >= 1, got {blocks}")
+        self.in_channels = in_channels
+        self.blocks = tuple(tuple(block) for block in blocks)
+        self.pool_last_block = pool_last_block
+        self.num_pools = len(self.blocks) - (0 if pool_last_block else 1)
+        layers = []
+        channels = in_channels
+        for block in self.blocks:
+            for out in block:
+                layers.append(
+                    Conv2D(channels, out, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                )
+                channels = out
+        self.layers = nnx.List(layers)
+        self.out_channels = channels
+
+    def grid_shape(self, height: int, width: int) -> tuple[int, int]:
+        """(H, W) of the feature grid for a `height x width` image."""
+        return height // 2**self.num_pools, width // 2**self.num_pools
+
+    def __call__(self, images: Array) -> Array:
+        """Images `[batch, height, width, in_channels]` -> features `[batch, H, W, C]`."""
+        images = jnp.asarray(images)
+        if images.ndim != 4 or images.shape[-1] != self.in_channels:
+            raise ValueError(
+                f"ConvEncoder: images must be [batch, height, width, {self.in_channels}], "
+                f"got {images.shape}"
+            )
+        height, width = self.grid_shape(*images.shape[1:3])
+        if height < 1 or width < 1:
+            raise ValueError(
+                f"ConvEncoder: images {images.shape[1:3]} are too small for "
+                f"{self.num_pools} 2x2 poolings"
+            )
+        x = images
+        index = 0
+        for block_index, block in enumerate(self.blocks):
+            for _ in block:
+                x = jax.nn.relu(self.layers[index](x))
+                index += 1
+            if block_index < len(self.blocks) - 1 or self.pool_last_block:
+                x = max_pool_2x2(x)
+        return x
+
+
+def vgg19_encoder(
+    *,
+    dtype: jnp.dtype = jnp.float32,
+    param_dtype: jnp.dtype = jnp.float32,
+    rngs: nnx.Rngs,
+) -> ConvEncoder:
+    """VGG-19 up to conv5_4 (before the last pool): 224 x 224 x 3 -> 14 x 14 x 512 (Xu et al., sec. 4.3)."""
+    return ConvEncoder(
+        3, VGG19_BLOCKS, pool_last_block=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
+
+
+class PrecomputedFeatures(nnx.Module):
+    """The identity encoder: the source already is a feature map (e.g. stored VGG conv5_4 outputs).
+
+    Args:
+      feature_dim: C, the channels every feature vector must have.
+    """
+
+    def __init__(self, feature_dim: int, *, dtype: jnp.dtype = jnp.float32):
+        if feature_dim < 1:
+            raise ValueError(f"PrecomputedFeatures: feature_dim must be >= 1, got {feature_dim}")
+        self.out_channels = feature_dim
+        self.dtype = dtype
+
+    def __call__(self, features: Array) -> Array:
+        """`[batch, H, W, C]` or `[batch, L, C]` -> the same array (in the compute dtype)."""
+        features = jnp.asarray(features)
+        if features.ndim not in (3, 4) or features.shape[-1] != self.out_channels:
+            raise ValueError(
+                "PrecomputedFeatures: features must be [batch, H, W, C] or [batch, L, C] with "
+                f"C={self.out_channels}, got {features.shape}"
+            )
+        return features.astype(self.dtype)

@@ -1,0 +1,1 @@
+"""attnx.interpret: capture, score and plot attention maps."""

@@ -1,0 +1,83 @@
+"""The attnx entry point.
+
+  python -m attnx.main --config=experiments/NAME.py[:ARG] --workdir=DIR \
+      [--config.any.key=value ...] [--mode=train|eval|decode|visualize|summary]
+
+(also installed as the console script `attnx`). `train` trains and evaluates,
+resuming from DIR's newest checkpoint; `summary` prints the parameter table
+without touching data. Multi-host: pass --distributed (or set
+ATTNX_DISTRIBUTED=1) to call `jax.distributed.initialize()` first; on TPU VMs
+and SLURM it finds the coordinator itself, elsewhere give --coordinator_address,
+--num_processes and --process_id.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment file: experiments/NAME.py[:ARG].")
+flags.DEFINE_string("workdir", None, "Where checkpoints, logs and plots go.")
+flags.DEFINE_enum("mode", "train", ["train", "summary"], "What to do.")
+flags.DEFINE_bool(
+    "distributed", False, "Call jax.distributed.initialize() (multi-host); or ATTNX_DISTRIBUTED=1."
+)
+flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, where the cluster does not tell JAX."
+)
+flags.DEFINE_integer("num_processes", None, "Number of processes, with --coordinator_address.")
+flags.DEFINE_integer("process_id", None, "This process's index, with --coordinator_address.")
+flags.mark_flags_as_required(["config"])
+
+
+def _summary(config) -> None:
+    from attnx.training.train import model_summary
+
+    vocab = config.task.get("vocab_size") or 256
+    rows = model_summary(config, vocab)
+    width = max(len(path) for path, _, _ in rows)
+    print(f"{'parameter':<{width}}  {'shape':<22} {'size':>12}")
+    for path, shape, size in rows:
+        print(f"{path:<{width}}  {str(shape):<22} {size:>12,}")
+    print(f"total: {sum(size for _, _, size in rows):,} parameters (vocabulary {vocab})")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if FLAGS.distributed or os.environ.get("ATTNX_DISTRIBUTED") == "1":
+        import jax
+
+        # CPU devices of different processes exchange collectives through gloo
+        # (only the CPU client reads this; it must be set before the backend starts).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+        )
+
+    from attnx.training.config import validate
+
+    config = FLAGS.config
+    validate(config)
+    if FLAGS.mode == "summary":
+        _summary(config)
+        return
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required for --mode=train")
+    from attnx.training.train import train_and_evaluate
+
+    logging.info("Config:\n%s", config)
+    results = train_and_evaluate(config, FLAGS.workdir)
+    logging.info("Final metrics: %s", results)
+
+
+def run() -> None:
+    """Console-script entry point (`attnx`)."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,140 @@
+"""The fields every experiment has, with defaults, and checks that run before anything compiles.
+
+Experiment files (`experiments/NAME.py`) start from `base_config()` and set
+what they change. ml_collections already rejects an unknown key or a value
+of the wrong type on the command line (`--config.train.stepz=1`); `validate`
+checks what types cannot: sizes, choices, the mesh against the devices.
+"""
+
+import jax
+import ml_collections
+from ml_collections import config_dict
+
+from attnx.models import MODELS
+
+TOKENIZERS = ("char", "byte", "sentencepiece")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Defaults shared by all experiments (each experiment overrides what it needs)."""
+    c = ml_collections.ConfigDict()
+    c.task = dict(
+        dataset="dates",
+        data_dir=config_dict.placeholder(str),
+        tokenizer="char",
+        vocab_size=config_dict.placeholder(int),
+        max_source_length=config_dict.placeholder(int),
+        max_target_length=16,
+        packing=False,
+        worker_count=0,
+        eval_split="validation",
+        source_key=config_dict.placeholder(str),
+        target_key=config_dict.placeholder(str),
+        image_size=config_dict.placeholder(tuple),
+    )
+    c.model = dict(name="transformer", preset=config_dict.placeholder(str))
+    c.train = dict(
+        steps=1000,
+        batch_size=64,
+        seed=0,
+        optimizer="adam",
+        learning_rate=1e-3,
+        schedule="constant",
+        warmup_steps=0,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
+        momentum=0.9,
+        rho=0.95,
+        rsqrt_scale=0.0,
+        clip_grad_norm=0.0,
+        grad_accum_steps=1,
+        label_smoothing=0.0,
+        attention_penalty=0.0,
+        plateau_factor=0.1,
+        plateau_patience=0,
+        plateau_metric="eval/perplexity",
+        log_every_steps=50,
+    )
+    c.checkpoint = dict(
+        every_steps=500,
+        keep=3,
+        best_metric="eval/exact_match",
+        best_mode="max",
+        keep_best=1,
+        average_last=0,
+        async_save=True,
+    )
+    c.eval = dict(
+        every_steps=500,
+        batch_size=64,
+        max_examples=512,
+        beam_size=4,
+        length_penalty="gnmt",
+        alpha=0.6,
+        num_plots=4,
+    )
+    c.mesh = dict(data=-1, fsdp=1, tensor=1, rules=())
+    return c
+
+
+def _choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"config.{key}={value!r}; choose one of {list(choices)}")
+
+
+def _positive(key: str, value) -> None:
+    if value is None or value < 1:
+        raise ValueError(f"config.{key} must be >= 1, got {value!r}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError naming the first bad key; cheap (no data, no compilation)."""
+    for section in ("task", "model", "train", "checkpoint", "eval", "mesh"):
+        if section not in config:
+            raise ValueError(f"config.{section} is missing (start from base_config())")
+    _choice("model.name", config.model.name, sorted(MODELS))
+    _choice("task.tokenizer", config.task.tokenizer, TOKENIZERS)
+    for key in (
+        "train.steps",
+        "train.batch_size",
+        "train.log_every_steps",
+        "train.grad_accum_steps",
+        "checkpoint.every_steps",
+        "checkpoint.keep",
+        "eval.every_steps",
+        "eval.batch_size",
+        "eval.beam_size",
+        "task.max_target_length",
+    ):
+        section, name = key.split(".")
+        _positive(key, config[section][name])
+    if config.train.batch_size % config.train.grad_accum_steps:
+        raise ValueError(
+            f"config.train.batch_size={config.train.batch_size} is not divisible by "
+            f"config.train.grad_accum_steps={config.train.grad_accum_steps}"
+        )
+    _choice("eval.length_penalty", config.eval.length_penalty, ("gnmt", "power"))
+    _choice("checkpoint.best_mode", config.checkpoint.best_mode, ("max", "min"))
+    if config.task.packing and config.model.name != "transformer":
+        raise ValueError(
+            f"config.task.packing=True needs model.name='transformer' (packed segments); "
+            f"got {config.model.name!r}"
+        )
+    devices = jax.device_count()
+    sizes = {axis: config.mesh[axis] for axis in ("data", "fsdp", "tensor")}
+    fixed = 1
+    for axis, size in sizes.items():
+        if size == 0 or size < -1:
+            raise ValueError(f"config.mesh.{axis} must be a positive size or -1, got {size}")
+        if size != -1:
+            fixed *= size
+    if -1 in sizes.values():
+        if devices % fixed:
+            raise ValueError(
+                f"config.mesh {sizes} does not fit {devices} devices: the fixed sizes "
+                f"multiply to {fixed}"
+            )
+    elif fixed != devices:
+        raise ValueError(f"config.mesh {sizes} needs {fixed} devices, but there are {devices}")

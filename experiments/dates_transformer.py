@@ -1,0 +1,88 @@
+"""Transformer on the bundled `dates` task: a date in one of 43 CLDR locales -> ISO 8601.
+
+The classic attention demo: the source spells the day, month and year in a
+locale's own words and order ("Sonntag, 3. März 1974", "3/4/74"...), the
+target is "1974-03-03". Character tokenizer, a small post-LN Transformer
+(Vaswani et al. 2017) with the paper's optimizer recipe (Adam 0.9/0.98,
+inverse-square-root warm-up) and label smoothing 0.1.
+
+Command (CPU, this machine):
+
+  python -m attnx.main --config=experiments/dates_transformer.py --workdir=/tmp/dates_transformer
+
+CPU smoke run (a few minutes of nothing but plumbing):
+
+  python -m attnx.main --config=experiments/dates_transformer.py:tiny --workdir=/tmp/dates_tiny
+
+Expected result: see the results table of README.md (measured there with the
+command above).
+
+Sweep (learning-rate multiplier x model width, 6 trials, one after another):
+
+  python -m attnx.sweep --config=experiments/dates_transformer.py --workdir=/tmp/dates_sweep
+  python -m attnx.sweep --config=experiments/dates_transformer.py:tiny --workdir=/tmp/dates_sweep_tiny
+"""
+
+import ml_collections
+
+from attnx.sweep import product
+from attnx.training.config import base_config
+from attnx.training.optimizers import RECIPES
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = base_config()
+    config.task.dataset = "dates"
+    config.task.tokenizer = "char"
+    config.task.max_source_length = 40
+    config.task.max_target_length = 12
+
+    config.model.name = "transformer"
+    config.model.d_model = 128
+    config.model.num_heads = 4
+    config.model.d_ff = 512
+    config.model.num_encoder_layers = 2
+    config.model.num_decoder_layers = 2
+    config.model.dropout_rate = 0.1
+    config.model.max_length = 64
+
+    config.train.update(RECIPES["transformer"])
+    config.train.learning_rate = 1.0
+    config.train.warmup_steps = 400
+    config.train.label_smoothing = 0.1
+    config.train.steps = 3000
+    config.train.batch_size = 64
+    config.train.log_every_steps = 100
+
+    config.checkpoint.every_steps = 500
+    config.eval.every_steps = 1000
+    config.eval.max_examples = 512
+
+    if arg == "tiny":
+        config.model.d_model = 32
+        config.model.num_heads = 2
+        config.model.d_ff = 64
+        config.model.num_encoder_layers = 1
+        config.model.num_decoder_layers = 1
+        config.train.steps = 20
+        config.train.batch_size = 16
+        config.train.warmup_steps = 10
+        config.train.log_every_steps = 10
+        config.checkpoint.every_steps = 10
+        config.eval.every_steps = 20
+        config.eval.batch_size = 16
+        config.eval.max_examples = 32
+        config.eval.beam_size = 2
+        config.eval.num_plots = 2
+    elif arg is not None:
+        raise ValueError(f"experiments/dates_transformer.py: unknown arg {arg!r}; use 'tiny'")
+    return config
+
+
+def sweep(arg: str | None = None) -> list[dict]:
+    """Trials of `python -m attnx.sweep`: learning-rate multiplier x d_model; 'tiny': 2 trials."""
+    if arg == "tiny":
+        return product({"train.learning_rate": [0.5, 1.0]})
+    if arg is not None:
+        raise ValueError(f"experiments/dates_transformer.py: unknown arg {arg!r}; use 'tiny'")
+    return product({"train.learning_rate": [0.5, 1.0, 2.0], "model.d_model": [64, 128]})

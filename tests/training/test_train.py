@@ -1,0 +1,220 @@
+"""End to end: the main job's command on a tiny experiment, run as a user runs it.
+
+Every run is a subprocess (`python -m attnx.main ...`) so that device counts,
+processes and signals are real. The runs are shared by the tests below
+(module-scoped fixtures), since each costs a compilation.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from attnx.data import prepare
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+EXPERIMENT = "experiments/dates_transformer.py:tiny"
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> str:
+    directory = tmp_path_factory.mktemp("tfds")
+    prepare.prepare("dates", str(directory))
+    return str(directory)
+
+
+def command(workdir, data_dir, *overrides, extra=()):
+    return [
+        sys.executable,
+        "-m",
+        "attnx.main",
+        f"--config={EXPERIMENT}",
+        f"--workdir={workdir}",
+        f"--config.task.data_dir={data_dir}",
+        *overrides,
+        *extra,
+    ]
+
+
+def environment(devices: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def run(workdir, data_dir, *overrides, devices=8, timeout=900):
+    result = subprocess.run(
+        command(workdir, data_dir, *overrides),
+        env=environment(devices),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def metrics(workdir) -> list[dict]:
+    lines = pathlib.Path(workdir, "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def train_loss(workdir, step=STEPS) -> float:
+    return next(
+        m["train/loss"] for m in metrics(workdir) if m["step"] == step and "train/loss" in m
+    )
+
+
+def saved_params(workdir, step=STEPS):
+    state = ocp.StandardCheckpointer().restore(
+        pathlib.Path(workdir, "checkpoints", str(step), "state")
+    )
+    return state["params"]
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory, data_dir):
+    """The tiny experiment on 8 devices with data, fsdp and tensor axes of 2."""
+    workdir = tmp_path_factory.mktemp("sharded")
+    run(workdir, data_dir, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2")
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def single_device_run(tmp_path_factory, data_dir):
+    workdir = tmp_path_factory.mktemp("single")
+    run(workdir, data_dir, devices=1)
+    return workdir
+
+
+def test_main_job_writes_checkpoints_metrics_events_and_plots(sharded_run):
+    assert (sharded_run / "checkpoints" / str(STEPS)).is_dir()
+    logged = metrics(sharded_run)
+    assert any("train/loss" in m for m in logged)
+    final = [m for m in logged if "eval/bleu" in m]
+    assert final and final[-1]["step"] == STEPS and "eval/exact_match" in final[-1]
+    assert list((sharded_run / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((sharded_run / "plots" / f"step_{STEPS}").glob("alignment_*.png"))
+    assert (sharded_run / "vocab" / "tokenizer.json").is_file()
+
+
+def test_same_loss_on_one_device_and_a_sharded_mesh(sharded_run, single_device_run):
+    np.testing.assert_allclose(train_loss(single_device_run), train_loss(sharded_run), rtol=1e-5)
+
+
+def test_same_loss_in_two_processes(tmp_path, data_dir, single_device_run):
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    workdir = tmp_path / "two_processes"
+    processes = [
+        subprocess.Popen(
+            command(
+                workdir,
+                data_dir,
+                extra=(
+                    "--distributed",
+                    f"--coordinator_address=localhost:{port}",
+                    "--num_processes=2",
+                    f"--process_id={i}",
+                ),
+            ),
+            env=environment(4),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=900) for p in processes]
+    for p, (_, err) in zip(processes, outputs, strict=True):
+        assert p.returncode == 0, err[-4000:]
+    np.testing.assert_allclose(train_loss(workdir), train_loss(single_device_run), rtol=1e-5)
+
+
+def test_checkpoint_written_on_eight_devices_restores_on_one(tmp_path, data_dir, sharded_run):
+    workdir = tmp_path / "resumed"
+    shutil.copytree(sharded_run, workdir)
+    result = run(workdir, data_dir, f"--config.train.steps={STEPS + 2}", devices=1)
+    assert f"Resumed from step {STEPS}" in result.stderr
+    assert (workdir / "checkpoints" / str(STEPS + 2)).is_dir()
+
+
+def test_sigkill_at_a_random_step_then_restart_is_bit_identical(
+    tmp_path, data_dir, single_device_run
+):
+    workdir = tmp_path / "killed"
+    overrides = ("--config.checkpoint.every_steps=2",)
+    kill_after = int(np.random.default_rng().integers(3, 12))
+    process = subprocess.Popen(
+        command(workdir, data_dir, *overrides),
+        env=environment(1),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    checkpoints = workdir / "checkpoints"
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None:
+        saved = [int(p.name) for p in checkpoints.glob("*") if p.name.isdigit()]
+        if saved and max(saved) >= kill_after:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    run(workdir, data_dir, *overrides, devices=1)
+    got, want = saved_params(workdir), saved_params(single_device_run)
+    for path_got, path_want in zip(
+        sorted(_flat(got).items()), sorted(_flat(want).items()), strict=True
+    ):
+        assert path_got[0] == path_want[0]
+        np.testing.assert_array_equal(path_got[1], path_want[1], err_msg=path_got[0])
+
+
+def _flat(tree, prefix=""):
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}/{key}"))
+        return out
+    return {prefix: np.asarray(tree)}
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir):
+    workdir = tmp_path / "preempted"
+    process = subprocess.Popen(
+        command(
+            workdir,
+            data_dir,
+            "--config.train.steps=100000",
+            "--config.checkpoint.every_steps=100000",
+        ),
+        env=environment(1),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 600
+    log = workdir / "metrics.jsonl"
+    while time.time() < deadline and not (log.exists() and log.read_text().strip()):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-4000:]
+    saved = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
+    assert len(saved) == 1 and 10 <= saved[0] < 100000
+    assert "Preempted" in err

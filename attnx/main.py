@@ -1,4 +1,4 @@
-"""The attnx entry point.
+r"""The attnx entry point.
 
   python -m attnx.main --config=experiments/NAME.py[:ARG] --workdir=DIR \
       [--config.any.key=value ...] [--mode=train|eval|decode|visualize|summary]
@@ -19,7 +19,9 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment file: experiments/NAME.py[:ARG].")
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and plots go.")
-flags.DEFINE_enum("mode", "train", ["train", "summary"], "What to do.")
+flags.DEFINE_enum(
+    "mode", "train", ["train", "eval", "decode", "visualize", "summary"], "What to do."
+)
 flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() (multi-host); or ATTNX_DISTRIBUTED=1."
 )
@@ -66,11 +68,11 @@ def main(argv: list[str]) -> None:
         _summary(config)
         return
     if not FLAGS.workdir:
-        raise app.UsageError("--workdir is required for --mode=train")
+        raise app.UsageError(f"--workdir is required for --mode={FLAGS.mode}")
     from attnx.training.train import train_and_evaluate
 
     logging.info("Config:\n%s", config)
-    results = train_and_evaluate(config, FLAGS.workdir)
+    results = train_and_evaluate(config, FLAGS.workdir, mode=FLAGS.mode)
     logging.info("Final metrics: %s", results)
 
 

@@ -74,6 +74,8 @@ def base_config() -> ml_collections.ConfigDict:
         length_penalty="gnmt",
         alpha=0.6,
         num_plots=4,
+        # sacrebleu tokenizer: '13a' (WMT), 'intl', 'zh', 'char' (digit strings), 'none'.
+        bleu_tokenize="13a",
     )
     c.mesh = dict(data=-1, fsdp=1, tensor=1, rules=())
     return c
@@ -116,6 +118,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.train.grad_accum_steps={config.train.grad_accum_steps}"
         )
     _choice("eval.length_penalty", config.eval.length_penalty, ("gnmt", "power"))
+    if config.checkpoint.average_last > config.checkpoint.keep:
+        raise ValueError(
+            f"config.checkpoint.average_last={config.checkpoint.average_last} needs "
+            f"config.checkpoint.keep >= it (keep={config.checkpoint.keep})"
+        )
     _choice("checkpoint.best_mode", config.checkpoint.best_mode, ("max", "min"))
     if config.task.packing and config.model.name != "transformer":
         raise ValueError(

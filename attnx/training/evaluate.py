@@ -49,8 +49,13 @@ def evaluate(
     max_target_length: int,
     captions: bool,
     plot_dir: str | None,
+    predictions_path: str | None = None,
 ) -> tuple[dict[str, float], list[tuple[str, np.ndarray]]]:
-    """Runs one evaluation pass; returns `({'eval/...': value}, [(name, picture), ...])`."""
+    """Runs one evaluation pass; returns `({'eval/...': value}, [(name, picture), ...])`.
+
+    With `predictions_path`, process 0 also writes one `reference<TAB>hypothesis`
+    line per decoded example there.
+    """
     sums: dict[str, tuple[Any, Any]] = {}
     hypotheses: list[str] = []
     references: list[str] = []
@@ -98,9 +103,17 @@ def evaluate(
     matches, count = metrics_lib.exact_match_strings(hypotheses, references)
     results["eval/exact_match"] = matches / max(count, 1)
     if captions:
-        bleu = metrics_lib.caption_bleu(hypotheses, [[r] for r in references], tokenize="char")
+        bleu = metrics_lib.caption_bleu(
+            hypotheses, [[r] for r in references], tokenize=eval_config.bleu_tokenize
+        )
         results.update({f"eval/{k}": v for k, v in bleu.items()})
     else:
-        results["eval/bleu"] = metrics_lib.corpus_bleu(hypotheses, references)
+        results["eval/bleu"] = metrics_lib.corpus_bleu(
+            hypotheses, references, tokenize=eval_config.bleu_tokenize
+        )
     results["eval/decoded_examples"] = float(len(hypotheses))
+    if predictions_path is not None and jax.process_index() == 0:
+        with open(predictions_path, "w", encoding="utf-8") as f:
+            for reference, hypothesis in zip(references, hypotheses, strict=True):
+                f.write(f"{reference}\t{hypothesis}\n")
     return results, pictures

@@ -48,8 +48,24 @@ def _pipeline(config, source, task, tokenizer, *, train: bool, batch_size: int, 
     )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the last metrics."""
+MODES = ("train", "eval", "decode", "visualize")
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, mode: str = "train"
+) -> dict[str, float]:
+    """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the last metrics.
+
+    The other modes set everything up the same way, restore the newest
+    checkpoint and then, instead of training:
+      eval       evaluate it (metrics.jsonl, TensorBoard, plots);
+      decode     beam-search the whole evaluation split into
+                 WORKDIR/predictions_step_N.tsv (reference, hypothesis);
+      visualize  plot the attention of `config.eval.num_plots` examples into
+                 WORKDIR/plots/visualize_step_N/.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; choose one of {MODES}")
     os.makedirs(workdir, exist_ok=True)
     captions = config.model.name == "captioner"
 
@@ -194,24 +210,68 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # --- Evaluation ----------------------------------------------------------
     writer = MetricsWriter(workdir, total_steps=config.train.steps, start_step=start_step)
 
-    def run_evaluation(step: int) -> dict[str, float]:
-        model = nnx.merge(graphdef, state.params, rest)
+    def run_evaluation(
+        step: int, params=None, prefix: str = "eval", plots: str | None = None, **overrides
+    ) -> dict[str, float]:
+        params = state.params if params is None else params
+        eval_config = ml_collections.ConfigDict(config.eval.to_dict())
+        eval_config.update(overrides.pop("eval_config", {}))
         with jax.set_mesh(mesh):
             results, pictures = evaluate.evaluate(
-                model=model,
-                params=state.params,
+                model=nnx.merge(graphdef, params, rest),
+                params=params,
                 eval_step=eval_step,
                 batches=eval_batches(),
                 tokenizer=tokenizer,
-                eval_config=config.eval,
+                eval_config=eval_config,
                 max_target_length=config.task.max_target_length,
                 captions=captions,
-                plot_dir=os.path.join(workdir, "plots", f"step_{step}"),
+                plot_dir=os.path.join(workdir, "plots", plots or f"step_{step}"),
+                **overrides,
             )
+        results = {k.replace("eval/", f"{prefix}/", 1): v for k, v in results.items()}
         writer.write(step, results)
         for name, picture in pictures:
             writer.write_image(step, f"attention/{name}", picture)
         return results
+
+    if mode != "train":
+        if restored is None:
+            raise FileNotFoundError(
+                f"--mode={mode} needs a checkpoint in {workdir}/checkpoints; there is none"
+            )
+        if mode == "eval":
+            results = run_evaluation(start_step)
+        elif mode == "decode":
+            path = os.path.join(workdir, f"predictions_step_{start_step}.tsv")
+            results = run_evaluation(
+                start_step,
+                eval_config={"max_examples": 2**31 - 1, "num_plots": 0},
+                predictions_path=path,
+            )
+            logging.info("Wrote %s", path)
+        else:
+            results = run_evaluation(
+                start_step,
+                plots=f"visualize_step_{start_step}",
+                eval_config={"max_examples": config.eval.num_plots},
+            )
+        writer.close()
+        train_batches.close()
+        checkpointer.close()
+        return results
+
+    def average_and_evaluate(step: int) -> dict[str, float]:
+        """Evaluates the mean parameters of the last N checkpoints (Vaswani et al. sec. 6.1)."""
+        last = sorted(checkpointer.all_steps())[-config.checkpoint.average_last :]
+        trees = [checkpointer.restore(s, target=state)[0].params for s in last]
+        averaged = jax.jit(optimizers.average_checkpoints, out_shardings=state_shardings.params)(
+            trees
+        )
+        logging.info("Averaged the parameters of steps %s.", last)
+        return run_evaluation(
+            step, params=averaged, prefix="eval_averaged", plots=f"averaged_{step}"
+        )
 
     # --- Loop ----------------------------------------------------------------
     logging.info(
@@ -267,6 +327,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             logging.warning("Preempted: saved step %d, exiting.", step)
             break
     checkpointer.wait()
+    if config.checkpoint.average_last > 1 and step == config.train.steps:
+        results.update(average_and_evaluate(step))
     checkpointer.close()
     train_batches.close()
     writer.close()

@@ -218,3 +218,23 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir):
     saved = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
     assert len(saved) == 1 and 10 <= saved[0] < 100000
     assert "Preempted" in err
+
+
+def test_visualize_mode_plots_a_restored_checkpoint(tmp_path, data_dir, sharded_run):
+    workdir = tmp_path / "visualize"
+    shutil.copytree(sharded_run, workdir)
+    run(workdir, data_dir, "--mode=visualize", devices=1)
+    assert list((workdir / "plots" / f"visualize_step_{STEPS}").glob("alignment_*.png"))
+
+
+def test_eval_mode_without_a_checkpoint_names_the_problem(tmp_path, data_dir):
+    result = subprocess.run(
+        command(tmp_path / "empty", data_dir, "--mode=eval"),
+        env=environment(1),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode != 0
+    assert "needs a checkpoint" in result.stderr

@@ -66,6 +66,11 @@ def train_and_evaluate(
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; choose one of {MODES}")
+    if mode != "train" and not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        # Fail before building data and compiling anything.
+        raise FileNotFoundError(
+            f"--mode={mode} needs a checkpoint in {workdir}/checkpoints; there is none"
+        )
     os.makedirs(workdir, exist_ok=True)
     captions = config.model.name == "captioner"
 

@@ -49,7 +49,9 @@ class Reverser(nnx.Module):
         self.source_positions = param(rngs, normal, (length, DIM), (None, "embed"))
         self.target_positions = param(rngs, normal, (length, DIM), (None, "embed"))
         self.attend = MultiHeadAttention(1, DIM, normalizer=normalizer, rngs=rngs)
-        self.readout = param(rngs, nnx.initializers.lecun_normal(), (DIM, VOCAB), ("embed", "vocab"))
+        self.readout = param(
+            rngs, nnx.initializers.lecun_normal(), (DIM, VOCAB), ("embed", "vocab")
+        )
 
     def __call__(self, source: jax.Array):
         keys = self.embed[...][source] + self.source_positions[...]
@@ -83,7 +85,9 @@ def run(normalizer: str, length: int, steps: int) -> tuple[dict, np.ndarray]:
     result = {
         "normalizer": normalizer,
         "final_loss": float(loss),
-        "token_accuracy": float((np.asarray(logits).argmax(-1) == np.asarray(source)[:, ::-1]).mean()),
+        "token_accuracy": float(
+            (np.asarray(logits).argmax(-1) == np.asarray(source)[:, ::-1]).mean()
+        ),
         "alignment_accuracy": float((weights.argmax(-1) == gold).mean()),
         "mean_support": float((weights > 0).sum(-1).mean()),
     }

@@ -287,3 +287,18 @@ def test_wrong_type_on_the_command_line_is_named():
     assert result.returncode != 0
     assert "config.train.steps" in result.stderr and "abc" in result.stderr
     assert "parameter" not in result.stdout
+
+
+def test_hard_attention_training_is_refused_by_name():
+    from attnx.training.config import validate
+
+    spec = importlib.util.spec_from_file_location(
+        "digits_spatial",
+        pathlib.Path(__file__).resolve().parents[1] / "experiments/digits_spatial.py",
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("tiny")
+    config.model.attention = "hard"
+    with pytest.raises(ValueError, match="attention='hard'"):
+        validate(config)

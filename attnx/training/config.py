@@ -117,6 +117,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.train.batch_size={config.train.batch_size} is not divisible by "
             f"config.train.grad_accum_steps={config.train.grad_accum_steps}"
         )
+    if config.model.name == "captioner" and config.model.get("attention") == "hard":
+        # The loop's loss has no REINFORCE term or baseline yet; training would
+        # silently give the sampled attention no learning signal.
+        raise ValueError(
+            "config.model.attention='hard' is not supported by the training loop yet "
+            "(attnx.models.caption_losses.hard_attention_loss exists; use 'soft')"
+        )
     _choice("eval.length_penalty", config.eval.length_penalty, ("gnmt", "power"))
     if config.checkpoint.average_last > config.checkpoint.keep:
         raise ValueError(

@@ -3,14 +3,20 @@
 The pipeline, in grain's Dataset API:
 
   example indices
-    -> this process's shard (every process reads a disjoint slice)
-    -> seeded shuffle, reshuffled every epoch
-    -> repeat (training) or one pass (evaluation)
+    -> seeded shuffle, reshuffled every epoch (the same on every process)
+    -> repeat (training) or n passes padded to whole global batches (evaluation)
     -> read + tokenise (+ image to float) + length policy
+    -> this process's rows of each global batch
     -> pad to fixed shapes, or pack several examples per row
     -> batch (fixed shapes, so jit never recompiles)
     -> optional worker processes
     -> global `jax.Array`s on the mesh
+
+Every process builds the same global stream of examples and reads only its
+rows of each global batch (rows [p b, (p + 1) b) of a batch of B = b x
+process_count rows), so a global batch holds the same examples, in the same
+order, whether 1 or 64 processes read it: a run's losses do not depend on the
+number of hosts. Each process reads and tokenises only its own rows.
 
 Batches are dicts of arrays:
 
@@ -18,20 +24,26 @@ Batches are dicts of arrays:
   'image'    [B, H, W, C] float32 in [0, 1]   (captioning tasks)
   'targets'  [B, T] int32   target ids, ending with eos; 0 is padding. The
                             model shifts right and prepends bos itself.
+  'index'    [B] int32      with `with_index`: the record each row holds (-1: none)
   packed rows also carry 'inputs_segmentation', 'inputs_position',
   'targets_segmentation', 'targets_position' [B, S|T] int32 (Flax WMT / T5
   convention): segment ids count the examples of a row from 1, 0 marks
   padding; positions restart at 0 in every example.
 
-A row whose targets are all padding holds no example: evaluation (a finite
-number of epochs) pads the last batch, and the shard of every process to the
-same length, with such rows (so all processes run the same number of steps),
-and replaces an example that is too long (length_policy='drop') by one.
-Packed evaluation packs only real examples; since the number of rows a shard
-packs into depends on its lengths, every process counts the packed batches of
-every shard and appends empty batches up to the largest count, so here too all
-processes run the same number of steps (a multi-host evaluation step is a
-collective: one process short of batches would hang the others).
+A row whose targets are all padding holds no example. Evaluation (a finite
+number of epochs) pads every epoch to whole global batches with such rows, and
+turns an example that is too long (length_policy='drop') into one, so every
+example it keeps is scored once. Training never sees such examples: the row
+of an example that is too long is filled by another drawn at random (seeded
+by the row's global position, so again the same for any process count).
+
+Packing fills rows from the examples of one process, so packed batches depend
+on the process count. Packed evaluation packs only real examples; since the
+number of rows a process's examples pack into depends on their lengths, every
+process counts the packed batches of every process and appends empty batches
+up to the largest count, so here too all processes run the same number of
+steps (a multi-host evaluation step is a collective: one process short of
+batches would hang the others).
 
 The iterator's state (`get_state()` / `set_state()`) is a JSON-serialisable
 dict, so training saves it in its checkpoint and resumes on the next batch.
@@ -48,15 +60,19 @@ from typing import Any
 import grain
 import jax
 import numpy as np
-from absl import flags
+from absl import flags, logging
 from PIL import Image
 
 from attnx.data import tasks as tasks_lib
 from attnx.data import tokenizers as tokenizers_lib
 
 LENGTH_POLICIES = ("drop", "truncate")
-# Index of the padding examples that even out process shards in evaluation.
+# Index of the padding examples that fill the last global batch of an evaluation.
 _NO_EXAMPLE = -1
+# Draws of another example for one too long to train on, before an empty row.
+_REPLACEMENT_ATTEMPTS = 16
+# Records read up front to check that the maximum lengths keep most examples.
+_LENGTH_CHECK_RECORDS = 256
 # Packed-feature names in grain's packing -> attnx (Flax WMT / T5) names.
 _PACKING_KEYS = {"_segment_ids": "_segmentation", "_positions": "_position"}
 
@@ -65,9 +81,11 @@ _PACKING_KEYS = {"_segment_ids": "_segmentation", "_positions": "_position"}
 class _Preprocess(grain.transforms.RandomMap):
     """Reads example `index` and turns it into unbatched model inputs.
 
-    A dataclass of picklable fields, so worker processes can run it. Returns
-    None for an example that is too long under length_policy='drop' in
-    training; an empty example (all padding) in evaluation.
+    A dataclass of picklable fields, so worker processes can run it. An
+    example too long to keep (length_policy='drop') is replaced by up to
+    `replacement_attempts` others drawn at random; if none fits (or attempts
+    is 0), the result is an empty example (all padding, `drop_as_empty`) or
+    None (to be filtered out, before packing).
     """
 
     source: Sequence[Mapping[str, Any]]
@@ -78,13 +96,28 @@ class _Preprocess(grain.transforms.RandomMap):
     length_policy: str
     pad: bool
     drop_as_empty: bool
+    replacement_attempts: int
     image_size: tuple[int, int] | None
     extra_fields: tuple[tuple[str, tuple[int, ...]], ...]
+    with_index: bool
 
     def random_map(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray] | None:
         index = int(index)
         if index == _NO_EXAMPLE:
             return self._empty() if self.drop_as_empty else None
+        example = self.example(index, rng)
+        for _ in range(self.replacement_attempts if example is None else 0):
+            # Too long to keep: another example, drawn from this row's own
+            # generator, takes its place, so the global batch stays full.
+            example = self.example(int(rng.integers(len(self.source))), rng)
+            if example is not None:
+                break
+        if example is None:
+            return self._empty() if self.drop_as_empty else None
+        return example
+
+    def example(self, index: int, rng: np.random.Generator) -> dict[str, np.ndarray] | None:
+        """Record `index` as model inputs, or None if it is too long to keep."""
         record = self.source[index]
         if isinstance(self.task, tasks_lib.TextPairTask):
             example = {
@@ -97,9 +130,11 @@ class _Preprocess(grain.transforms.RandomMap):
                 "targets": self._ids(self.task.caption(record, rng), self.max_target_length),
             }
         if any(value is None for value in example.values()):
-            return self._empty() if self.drop_as_empty else None
+            return None
         for name, shape in self.extra_fields:
             example[name] = _pad_field(name, np.asarray(record[name]), shape)
+        if self.with_index:
+            example["index"] = np.int32(index)
         if self.pad:
             for key in ("inputs", "targets"):
                 if key in example:
@@ -141,6 +176,8 @@ class _Preprocess(grain.transforms.RandomMap):
             example["image"] = np.zeros((height, width, image.shape[2]), np.float32)
         for name, shape in self.extra_fields:
             example[name] = np.full(shape, -1, np.int32)
+        if self.with_index:
+            example["index"] = np.int32(_NO_EXAMPLE)
         return example
 
 
@@ -196,8 +233,52 @@ def _empty_packed_batch(rows: int, source_length: int, target_length: int) -> di
     return batch
 
 
-def _shard_rows(
-    shard: int,
+class _ProcessRows(grain.MapDataset):
+    """This process's rows of every global batch of a global stream of examples.
+
+    Global batch k holds stream positions [k B, (k + 1) B); process p reads
+    the rows [k B + p b, k B + (p + 1) b) of it, with b = B / process_count.
+    Every process builds the same global stream (same seed), so the rows that
+    make up a global batch do not depend on how many processes read them.
+    """
+
+    _MUTATES_ELEMENT_SPEC = False
+
+    def __init__(
+        self,
+        parent: grain.MapDataset,
+        *,
+        global_batch_size: int,
+        process_index: int,
+        process_count: int,
+    ):
+        super().__init__(parent)
+        self._global_batch_size = global_batch_size
+        self._local_batch_size = global_batch_size // process_count
+        self._offset = process_index * self._local_batch_size
+        self._length = len(parent) // global_batch_size * self._local_batch_size
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _global_position(self, index: int) -> int:
+        batch, row = divmod(index, self._local_batch_size)
+        return batch * self._global_batch_size + self._offset + row
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._global_position(index)]
+
+    def __str__(self) -> str:
+        return (
+            f"_ProcessRows(global_batch_size={self._global_batch_size}, "
+            f"offset={self._offset}, rows={self._local_batch_size})"
+        )
+
+
+def _process_rows(
+    process_index: int,
     *,
     num_records: int,
     process_count: int,
@@ -206,35 +287,85 @@ def _shard_rows(
     shuffle: bool,
     seed: int,
     packed_lengths: dict[str, int] | None,
-    local_batch_size: int,
+    global_batch_size: int,
 ) -> grain.IterDataset:
-    """The unbatched rows of process `shard`: examples, or packed rows if packed_lengths."""
-    training = num_epochs is None
-    # Every process takes every process_count-th example: disjoint shards that
-    # together hold each example once.
+    """The unbatched rows of one process: examples, or packed rows if packed_lengths."""
     indices = grain.MapDataset.range(num_records)
-    indices = indices.slice(slice(shard, None, process_count))
-    if not training:
-        # Even out the shards, so every process runs the same number of steps.
-        missing = math.ceil(num_records / process_count) - len(indices)
+    if num_epochs is not None:
+        # Pad every epoch to whole global batches with rows that hold no
+        # example, so every process runs the same number of steps.
+        missing = -num_records % global_batch_size
         if missing:
             filler = grain.MapDataset.source([_NO_EXAMPLE] * missing)
             indices = grain.MapDataset.concatenate([indices, filler])
     if shuffle:
+        # Past the first epoch grain's shuffle draws a new permutation per epoch.
         indices = indices.shuffle(seed=seed)
     indices = indices.repeat(num_epochs)
-    examples = indices.random_map(preprocess, seed=seed).filter(_is_example)
-    rows = examples.to_iter_dataset()
-    if packed_lengths is not None:
-        rows = grain.experimental.FirstFitPackIterDataset(
-            rows,
-            length_struct=packed_lengths,
-            num_packing_bins=local_batch_size,
-            seed=seed,
-            shuffle_bins=shuffle,
+    # The random generator of an example is keyed by its global position, so a
+    # random caption choice or replacement is also the same for any process count.
+    examples = indices.random_map(preprocess, seed=seed)
+    rows = _ProcessRows(
+        examples,
+        global_batch_size=global_batch_size,
+        process_index=process_index,
+        process_count=process_count,
+    )
+    if packed_lengths is None:
+        return rows.to_iter_dataset()
+    # Packing fills rows from this process's examples only: packed batches
+    # depend on the process count (each process packs its own stream).
+    rows = rows.filter(_is_example).to_iter_dataset()
+    rows = grain.experimental.FirstFitPackIterDataset(
+        rows,
+        length_struct=packed_lengths,
+        num_packing_bins=global_batch_size // process_count,
+        seed=seed,
+        shuffle_bins=shuffle,
+    )
+    return rows.map(_rename_packing_keys)
+
+
+def _check_lengths(
+    source: Sequence[Mapping[str, Any]],
+    task: tasks_lib.Task,
+    tokenizer: tokenizers_lib.Tokenizer,
+    max_source_length: int | None,
+    max_target_length: int,
+) -> None:
+    """Fails if length_policy='drop' would drop every example; warns if it drops many.
+
+    Reads up to _LENGTH_CHECK_RECORDS records spread over the source: a
+    maximum length below the data's would otherwise train on nothing but
+    replacements of replacements, or on empty rows.
+    """
+    count = min(len(source), _LENGTH_CHECK_RECORDS)
+    too_long = 0
+    for index in np.linspace(0, len(source) - 1, count).astype(int):
+        record = source[int(index)]
+        if isinstance(task, tasks_lib.TextPairTask):
+            texts = [(task.source_text(record), max_source_length)]
+            texts.append((task.target_text(record), max_target_length))
+        else:
+            texts = [(text, max_target_length) for text in task.captions(record)]
+        too_long += any(len(tokenizer.encode(text)) + 1 > limit for text, limit in texts)
+    limits = f"max_target_length={max_target_length}"
+    if max_source_length is not None:
+        limits = f"max_source_length={max_source_length}, {limits}"
+    if too_long == count:
+        raise ValueError(
+            f"Dataset {task.dataset!r}: none of {count} records read fits {limits} "
+            "(eos included) under length_policy='drop'; raise the maximum lengths or use "
+            "length_policy='truncate'."
         )
-        rows = rows.map(_rename_packing_keys)
-    return rows
+    if too_long > 0.1 * count:
+        logging.warning(
+            "Dataset %r: %d of %d records read are longer than %s and are dropped.",
+            task.dataset,
+            too_long,
+            count,
+            limits,
+        )
 
 
 def to_global_batch(
@@ -315,6 +446,7 @@ def make_pipeline(
     worker_buffer_size: int = 2,
     image_size: tuple[int, int] | None = None,
     extra_fields: Mapping[str, Sequence[int]] | None = None,
+    with_index: bool = False,
     sharding: jax.sharding.Sharding | None = None,
 ) -> BatchIterator:
     """Builds the input pipeline of one process.
@@ -334,10 +466,10 @@ def make_pipeline(
         'truncate' them (eos is kept).
       packing: pack several examples per row (text tasks); adds the
         segmentation / position keys.
-      num_epochs: None repeats forever (training); n makes n passes and pads
-        the last batch (evaluation). Every process yields the same number of
-        batches; with packing, each process tokenises the whole split once more
-        to count them (see the module docstring).
+      num_epochs: None repeats forever (training); n makes n passes, each
+        padded to whole global batches (evaluation). Every process yields the
+        same number of batches; with packing, each process tokenises the whole
+        split once more to count them (see the module docstring).
       shuffle: reshuffle (seeded) at every epoch.
       seed: seed of shuffling, packing and caption choice.
       process_index: this process, default `jax.process_index()`.
@@ -350,6 +482,9 @@ def make_pipeline(
         in size.
       extra_fields: record fields to carry along for evaluation, each padded
         with -1 to the given shape, e.g. {'boxes': (5, 4)}; not with packing.
+      with_index: add 'index' [B] int32, the source index of each row's record
+        (-1 for a row without one), e.g. to look up every reference caption
+        of an image in evaluation; not with packing.
       sharding: if given, batches come as global `jax.Array`s with this sharding
         (see `to_global_batch`); else as this process's numpy arrays.
 
@@ -378,8 +513,8 @@ def make_pipeline(
             raise ValueError(f"Dataset {task.dataset!r}: packing applies only to text tasks.")
     if max_target_length < 2:
         raise ValueError(f"max_target_length must be >= 2, got {max_target_length}.")
-    if extra_fields and packing:
-        raise ValueError("extra_fields cannot be carried through packing.")
+    if (extra_fields or with_index) and packing:
+        raise ValueError("extra_fields and with_index cannot be carried through packing.")
     if packing and num_epochs is not None and worker_count > 1:
         raise ValueError(
             f"worker_count={worker_count}: packed evaluation (num_epochs={num_epochs}) "
@@ -402,6 +537,8 @@ def make_pipeline(
     for name in extra_fields or {}:
         if name not in source[0]:
             raise KeyError(f"Dataset {task.dataset!r}: no field {name!r} for extra_fields.")
+    if length_policy == "drop":
+        _check_lengths(source, task, tokenizer, max_source_length, max_target_length)
     local_batch_size = batch_size // process_count
     training = num_epochs is None
 
@@ -413,14 +550,18 @@ def make_pipeline(
         max_target_length=max_target_length,
         length_policy=length_policy,
         pad=not packing,
-        # An empty example would take a whole packed row: packed evaluation
-        # drops them and evens out the processes with empty batches instead.
-        drop_as_empty=not training and not packing,
+        # An empty example would take a whole packed row: packing drops them
+        # (and packed evaluation evens out the processes with empty batches).
+        drop_as_empty=not packing,
+        # Training keeps its batches full; evaluation scores every example it
+        # keeps exactly once.
+        replacement_attempts=_REPLACEMENT_ATTEMPTS if training and not packing else 0,
         image_size=tuple(image_size) if image_size is not None else None,
         extra_fields=tuple((k, tuple(v)) for k, v in (extra_fields or {}).items()),
+        with_index=with_index,
     )
     shard_rows = functools.partial(
-        _shard_rows,
+        _process_rows,
         num_records=len(source),
         process_count=process_count,
         preprocess=preprocess,
@@ -430,15 +571,16 @@ def make_pipeline(
         packed_lengths=(
             {"inputs": max_source_length, "targets": max_target_length} if packing else None
         ),
-        local_batch_size=local_batch_size,
+        global_batch_size=batch_size,
     )
     dataset = shard_rows(process_index)
     missing_batches = 0
     if packing and not training:
-        # How many rows a shard packs into depends on its examples' lengths.
-        # Every process packs every shard (tokenising, not training on, the
-        # whole evaluation split) to learn the largest count, and pads up to it
-        # with empty batches, so all processes run the same number of steps.
+        # How many rows a process's examples pack into depends on their
+        # lengths. Every process packs the examples of every process
+        # (tokenising, not training on, the whole evaluation split) to learn
+        # the largest count, and pads up to it with empty batches, so all
+        # processes run the same number of steps.
         counts = [
             math.ceil(sum(1 for _ in shard_rows(shard)) / local_batch_size)
             for shard in range(process_count)

@@ -84,6 +84,10 @@ class TextPairTask:
         """All text of a record, for building a shared vocabulary."""
         return [self.source_text(record), self.target_text(record)]
 
+    def references(self, record: Mapping[str, Any]) -> list[str]:
+        """The reference translations a hypothesis is scored against: the target text."""
+        return [self.target_text(record)]
+
 
 @dataclasses.dataclass(frozen=True)
 class CaptionTask:
@@ -145,6 +149,10 @@ class CaptionTask:
 
     def texts(self, record: Mapping[str, Any]) -> list[str]:
         """All text of a record, for building the vocabulary."""
+        return self.captions(record)
+
+    def references(self, record: Mapping[str, Any]) -> list[str]:
+        """The references a generated caption is scored against: every caption."""
         return self.captions(record)
 
 

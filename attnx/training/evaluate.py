@@ -49,16 +49,22 @@ def evaluate(
     max_target_length: int,
     captions: bool,
     plot_dir: str | None,
+    references_of: Callable[[int], list[str]] | None = None,
     predictions_path: str | None = None,
 ) -> tuple[dict[str, float], list[tuple[str, np.ndarray]]]:
     """Runs one evaluation pass; returns `({'eval/...': value}, [(name, picture), ...])`.
 
+    References: with `references_of` and batches that carry 'index' (the
+    pipeline's `with_index`), `references_of(index)` gives the references of
+    a row's record as raw text (untruncated, no unknown tokens; all five-odd
+    captions of a COCO image); otherwise the row's detokenised targets.
+
     With `predictions_path`, process 0 also writes one `reference<TAB>hypothesis`
-    line per decoded example there.
+    line per decoded example there (the first reference).
     """
     sums: dict[str, tuple[Any, Any]] = {}
     hypotheses: list[str] = []
-    references: list[str] = []
+    references: list[list[str]] = []
     pictures = []
     decoded = 0
     for batch in batches:
@@ -78,13 +84,17 @@ def evaluate(
         sequences = to_host(result.sequences)[:, 0]
         alignments = to_host(result.alignments)[:, 0]
         targets = to_host(batch["targets"])
+        indices = to_host(batch["index"]) if "index" in batch else None
         sources = None if captions else to_host(batch["inputs"])
         for row in range(targets.shape[0]):
             if targets[row, 0] == 0 or decoded >= eval_config.max_examples:
                 continue  # an empty padding row, or enough examples
             hypothesis = tokenizer.decode(sequences[row])
             hypotheses.append(hypothesis)
-            references.append(tokenizer.decode(targets[row]))
+            if references_of is not None and indices is not None:
+                references.append(references_of(int(indices[row])))
+            else:
+                references.append([tokenizer.decode(targets[row])])
             if decoded < eval_config.num_plots:
                 target_labels = _labels(tokenizer, sequences[row]) + ["</s>"]
                 if captions:
@@ -103,17 +113,16 @@ def evaluate(
     matches, count = metrics_lib.exact_match_strings(hypotheses, references)
     results["eval/exact_match"] = matches / max(count, 1)
     if captions:
-        bleu = metrics_lib.caption_bleu(
-            hypotheses, [[r] for r in references], tokenize=eval_config.bleu_tokenize
-        )
+        bleu = metrics_lib.caption_bleu(hypotheses, references, tokenize=eval_config.bleu_tokenize)
         results.update({f"eval/{k}": v for k, v in bleu.items()})
     else:
+        # A translation has one reference.
         results["eval/bleu"] = metrics_lib.corpus_bleu(
-            hypotheses, references, tokenize=eval_config.bleu_tokenize
+            hypotheses, [r[0] for r in references], tokenize=eval_config.bleu_tokenize
         )
     results["eval/decoded_examples"] = float(len(hypotheses))
     if predictions_path is not None and jax.process_index() == 0:
         with open(predictions_path, "w", encoding="utf-8") as f:
             for reference, hypothesis in zip(references, hypotheses, strict=True):
-                f.write(f"{reference}\t{hypothesis}\n")
+                f.write(f"{reference[0]}\t{hypothesis}\n")
     return results, pictures

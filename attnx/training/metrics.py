@@ -184,10 +184,21 @@ def exact_match_ids(
     return jnp.sum(match.astype(jnp.float32)), jnp.asarray(match.shape[0], jnp.float32)
 
 
-def exact_match_strings(hypotheses: Sequence[str], references: Sequence[str]) -> tuple[int, int]:
-    """(number of hypotheses equal to their reference, number of pairs), on detokenised text."""
+def exact_match_strings(
+    hypotheses: Sequence[str], references: Sequence[str] | Sequence[Sequence[str]]
+) -> tuple[int, int]:
+    """(number of hypotheses equal to their reference, number of hypotheses), on detokenised text.
+
+    `references` holds one string per hypothesis, or a list of strings per
+    hypothesis (several captions of an image): then any of them matches.
+    """
     _check_pairs(hypotheses, references)
-    return sum(h == r for h, r in zip(hypotheses, references, strict=True)), len(hypotheses)
+    matches = 0
+    for hypothesis, reference in zip(hypotheses, references, strict=True):
+        matches += (
+            hypothesis == reference if isinstance(reference, str) else hypothesis in reference
+        )
+    return matches, len(hypotheses)
 
 
 # --------------------------------------------------------------------------- BLEU

@@ -44,6 +44,8 @@ def _pipeline(config, source, task, tokenizer, *, train: bool, batch_size: int, 
         seed=config.train.seed,
         worker_count=config.task.worker_count if train else 0,
         image_size=tuple(config.task.image_size) if config.task.get("image_size") else None,
+        # Evaluation scores against the records' raw references (every caption).
+        with_index=not train,
         sharding=sharding_,
     )
 
@@ -232,6 +234,7 @@ def train_and_evaluate(
                 max_target_length=config.task.max_target_length,
                 captions=captions,
                 plot_dir=os.path.join(workdir, "plots", plots or f"step_{step}"),
+                references_of=lambda index: task.references(eval_source[index]),
                 **overrides,
             )
         results = {k.replace("eval/", f"{prefix}/", 1): v for k, v in results.items()}

@@ -177,6 +177,74 @@ def test_two_processes_read_each_example_once_per_epoch():
     assert sorted(seen) == list(range(24))
 
 
+def global_batches(process_count: int, steps: int, **kwargs) -> list[dict[str, np.ndarray]]:
+    """The first `steps` global batches, put together from every process's rows."""
+    iterators = [
+        tiny_pipeline(False, process_index=p, process_count=process_count, **kwargs)
+        for p in range(process_count)
+    ]
+    batches = []
+    for _ in range(steps):
+        parts = [next(iterator) for iterator in iterators]
+        batches.append({k: np.concatenate([part[k] for part in parts]) for k in parts[0]})
+    return batches
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_global_batches_do_not_depend_on_the_process_count(training):
+    # Sources longer than 5 tokens (eos included) are dropped: in training
+    # their rows are refilled, in evaluation they become empty rows.
+    options = dict(batch_size=4, max_source_length=5, with_index=True)
+    if training:
+        steps = 12  # two epochs of 23 examples
+    else:
+        options.update(num_epochs=1, shuffle=False)
+        steps = 6  # 23 examples padded to 24
+    expected = global_batches(1, steps, **options)
+    assert any(b["id"].min() >= 0 for b in expected)
+    for process_count in (2, 4):
+        got = global_batches(process_count, steps, **options)
+        for step, (want, batch) in enumerate(zip(expected, got, strict=True)):
+            for key in want:
+                np.testing.assert_array_equal(
+                    batch[key], want[key], err_msg=f"{key} step {step} {process_count=}"
+                )
+    if not training:
+        # The evaluation stream ends at the same batch for every process count.
+        for process_count in (1, 2, 4):
+            count = len(list(tiny_pipeline(False, process_count=process_count, **options)))
+            assert count == steps
+
+
+def test_training_refills_the_rows_of_examples_too_long_to_keep():
+    source = tiny_source()
+    fits = {i for i, r in enumerate(source) if len(tasks.to_text(r["source"])) + 1 <= 4}
+    assert 0 < len(fits) < NUM_EXAMPLES
+    iterator = tiny_pipeline(False, max_source_length=4, with_index=True)
+    seen = []
+    for _ in range(40):
+        batch = next(iterator)
+        # Every row holds an example that fits; 'index' names the record.
+        assert (batch["targets"][:, 0] > 0).all()
+        np.testing.assert_array_equal(batch["index"], batch["id"])
+        seen.extend(batch["id"].tolist())
+    assert set(seen) == fits
+
+
+def test_maximum_lengths_that_drop_every_example_are_an_error():
+    source = [{"source": b"12345", "target": b"2000-01-01", "id": np.int32(0)}] * 3
+    tokenizer = tiny_tokenizer(source)
+    with pytest.raises(ValueError, match="max_source_length=4, max_target_length=8"):
+        pipeline.make_pipeline(
+            source,
+            tasks.get_task("dates"),
+            tokenizer,
+            max_source_length=4,
+            max_target_length=8,
+            batch_size=2,
+        )
+
+
 def test_shuffle_is_seeded_and_changes_every_epoch():
     def first_epochs(seed):
         iterator = tiny_pipeline(False, batch_size=1, seed=seed, length_policy="truncate")
@@ -278,6 +346,8 @@ def test_bad_arguments_are_named():
         tiny_pipeline(False, extra_fields={"alignment": (8,)})
     with pytest.raises(ValueError, match="extra_fields"):
         tiny_pipeline(True, extra_fields={"id": ()})
+    with pytest.raises(ValueError, match="with_index"):
+        tiny_pipeline(True, with_index=True)
     with pytest.raises(ValueError, match="worker_count=2: packed evaluation"):
         tiny_pipeline(True, num_epochs=1, worker_count=2)
 

@@ -121,6 +121,9 @@ def test_exact_match_on_strings():
     assert metrics.exact_match_strings(["2024-01-02", "a b"], ["2024-01-02", "a  b"]) == (1, 2)
     with pytest.raises(ValueError, match="2 hypotheses but 1 references"):
         metrics.exact_match_strings(["a", "b"], ["a"])
+    # Several references per hypothesis (captions): any of them matches.
+    several = [["a dog", "the dog"], ["a cat"], ["x", "y", "z"]]
+    assert metrics.exact_match_strings(["the dog", "a dog", "z"], several) == (2, 3)
 
 
 HYPOTHESES = [

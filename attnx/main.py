@@ -12,6 +12,8 @@ and SLURM it finds the coordinator itself, elsewhere give --coordinator_address,
 """
 
 import os
+import re
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -31,6 +33,29 @@ flags.DEFINE_string(
 flags.DEFINE_integer("num_processes", None, "Number of processes, with --coordinator_address.")
 flags.DEFINE_integer("process_id", None, "This process's index, with --coordinator_address.")
 flags.mark_flags_as_required(["config"])
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with an unknown --config.* key reported in one line.
+
+    ml_collections raises an unknown key as an AttributeError from deep inside
+    flag parsing; a traceback would bury the key it names.
+    """
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as error:
+        detail = error
+        while isinstance(detail, BaseException) and detail.args:
+            detail = detail.args[0]  # The KeyError inside the AttributeError.
+        message = " ".join(str(detail).split())
+        name = re.match(r"'([^']+)'", message)
+        offending = [
+            arg
+            for arg in argv[1:]
+            if arg.startswith("--config.") and name and name.group(1) in arg.split("=")[0]
+        ]
+        where = " ".join(offending) or "a --config.* flag"
+        sys.exit(f"FATAL Flags parsing error: {where}: no such config key {message}")
 
 
 def _summary(config) -> None:
@@ -63,7 +88,11 @@ def main(argv: list[str]) -> None:
     from attnx.training.config import validate
 
     config = FLAGS.config
-    validate(config)
+    try:
+        validate(config)
+    except ValueError as error:
+        # A config error is the user's to fix, not a crash: one line, no traceback.
+        sys.exit(f"FATAL Config error: {error}")
     if FLAGS.mode == "summary":
         _summary(config)
         return
@@ -78,7 +107,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console-script entry point (`attnx`)."""
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

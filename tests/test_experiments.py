@@ -274,8 +274,22 @@ def test_unknown_key_on_the_command_line_is_named():
         "--mode=summary",
     )
     assert result.returncode != 0
-    assert "stepz" in result.stderr
+    # One line naming the flag and the nearest key, not a traceback.
+    assert "--config.train.stepz=3: no such config key 'stepz'" in result.stderr
+    assert 'Did you mean "steps"' in result.stderr
+    assert "Traceback" not in result.stderr
     assert "parameter" not in result.stdout
+
+
+def test_config_error_on_the_command_line_is_one_line():
+    result = run_main(
+        "--config=experiments/dates_transformer.py:tiny",
+        "--config.mesh.data=3",
+        "--mode=summary",
+    )
+    assert result.returncode != 0
+    assert "FATAL Config error: config.mesh" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_wrong_type_on_the_command_line_is_named():

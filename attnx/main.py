@@ -98,6 +98,12 @@ def main(argv: list[str]) -> None:
         return
     if not FLAGS.workdir:
         raise app.UsageError(f"--workdir is required for --mode={FLAGS.mode}")
+    if "://" in FLAGS.workdir:
+        # os.makedirs('gs://b/run') would quietly make a local 'gs:' directory.
+        sys.exit(
+            f"FATAL --workdir={FLAGS.workdir}: attnx writes its workdir with ordinary file "
+            "I/O; mount the bucket (gcsfuse, BUILD.md) and pass the mounted path"
+        )
     from attnx.training.train import train_and_evaluate
 
     logging.info("Config:\n%s", config)

@@ -24,7 +24,7 @@ validated, so a misspelt key or a wrong type stops the sweep at once.
                each key in the trial's `metrics.jsonl`).
   --run=print  prints one command per trial that launches it on every worker
                of a TPU VM (`gcloud compute tpus tpu-vm ssh ... --worker=all`);
-               ROOT is then usually a `gs://` path, which all workers share.
+               ROOT is then a shared mount (gcsfuse), the same path on all workers.
                Collect the table afterwards with `--run=results`.
   --run=results  only (re)writes the results table from the trials' metrics.
 """
@@ -250,7 +250,7 @@ def tpu_command(
 
 
 def _join(root: str, name: str) -> str:
-    # Not os.path.join: ROOT may be a gs:// URL, whose separator is always '/'.
+    # ROOT is a path on the TPU VM's workers, which are POSIX machines.
     return f"{root.rstrip('/')}/{name}"
 
 
@@ -373,6 +373,11 @@ def main(argv: list[str]) -> None:
     # The sweep command line's overrides apply to every trial; a trial's own win.
     commands = [{**common, **own} for own in own_overrides]
     root = FLAGS.workdir
+    if "://" in root:
+        raise app.UsageError(
+            f"--workdir={root}: trials write their workdirs with ordinary file I/O; "
+            "mount the bucket (gcsfuse, BUILD.md) and pass the mounted path"
+        )
 
     if FLAGS.run == "print":
         if not FLAGS.tpu_name:

@@ -31,8 +31,8 @@ bfloat16 compute). COCO's TFDS builder needs TensorFlow to prepare: build
 `coco_captions/2014` as ArrayRecord on a machine with TensorFlow and copy it
 into data_dir (BUILD.md):
 
-  python -m attnx.main --config=experiments/coco_spatial.py --workdir=gs://BUCKET/coco_spatial \
-      --config.task.data_dir=gs://BUCKET/tensorflow_datasets
+  python -m attnx.main --config=experiments/coco_spatial.py --workdir=/mnt/gcs/coco_spatial \
+      --config.task.data_dir=/mnt/gcs/tensorflow_datasets
 
 CPU smoke run (the real data pipeline, 64 x 64 images, a three-block CNN,
 width 16, a 1,000-piece vocabulary, 20 steps):

@@ -24,8 +24,8 @@ embeddings 512; dropout 0.2), trained as in the paper's sec. 4:
 Command (a TPU VM or a GPU machine; `--config.model.dtype=bfloat16` for
 bfloat16 compute):
 
-  python -m attnx.main --config=experiments/wmt14_convs2s.py --workdir=gs://BUCKET/wmt14_convs2s \
-      --config.task.data_dir=gs://BUCKET/tensorflow_datasets
+  python -m attnx.main --config=experiments/wmt14_convs2s.py --workdir=/mnt/gcs/wmt14_convs2s \
+      --config.task.data_dir=/mnt/gcs/tensorflow_datasets
 
 The data must be prepared first (BUILD.md).
 

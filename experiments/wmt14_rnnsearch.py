@@ -22,8 +22,8 @@ appendix A.2), trained as in sec. 4 and appendix B:
 Command (a TPU VM or a GPU machine; `--config.model.dtype=bfloat16` for
 bfloat16 compute):
 
-  python -m attnx.main --config=experiments/wmt14_rnnsearch.py --workdir=gs://BUCKET/wmt14_rnnsearch \
-      --config.task.data_dir=gs://BUCKET/tensorflow_datasets
+  python -m attnx.main --config=experiments/wmt14_rnnsearch.py --workdir=/mnt/gcs/wmt14_rnnsearch \
+      --config.task.data_dir=/mnt/gcs/tensorflow_datasets
 
 The data must be prepared first (BUILD.md).
 

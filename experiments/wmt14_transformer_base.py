@@ -24,8 +24,8 @@ P_drop = 0.1) trained as in sec. 5:
 Command (a TPU VM, e.g. v3-8 / v4-8; `--config.model.dtype=bfloat16` for
 bfloat16 compute with float32 parameters):
 
-  python -m attnx.main --config=experiments/wmt14_transformer_base.py --workdir=gs://BUCKET/wmt14_base \
-      --config.task.data_dir=gs://BUCKET/tensorflow_datasets
+  python -m attnx.main --config=experiments/wmt14_transformer_base.py --workdir=/mnt/gcs/wmt14_base \
+      --config.task.data_dir=/mnt/gcs/tensorflow_datasets
 
 The data must be prepared first (BUILD.md: TFDS downloads and writes
 `wmt14_translate/de-en` as ArrayRecord files into data_dir, which needs network).

@@ -26,8 +26,8 @@ Command (a TPU VM, e.g. v3-8 / v4-8; `--config.model.dtype=bfloat16` for
 bfloat16 compute with float32 parameters; `--config.mesh.fsdp=N` to shard the
 parameters and optimizer state over N devices):
 
-  python -m attnx.main --config=experiments/wmt14_transformer_big.py --workdir=gs://BUCKET/wmt14_big \
-      --config.task.data_dir=gs://BUCKET/tensorflow_datasets
+  python -m attnx.main --config=experiments/wmt14_transformer_big.py --workdir=/mnt/gcs/wmt14_big \
+      --config.task.data_dir=/mnt/gcs/tensorflow_datasets
 
 The data must be prepared first (BUILD.md).
 

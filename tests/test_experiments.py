@@ -281,6 +281,13 @@ def test_unknown_key_on_the_command_line_is_named():
     assert "parameter" not in result.stdout
 
 
+def test_a_bucket_url_as_workdir_is_refused_with_advice(tmp_path):
+    result = run_main("--config=experiments/dates_transformer.py:tiny", "--workdir=gs://bucket/run")
+    assert result.returncode != 0
+    assert "--workdir=gs://bucket/run" in result.stderr and "gcsfuse" in result.stderr
+    assert not pathlib.Path(ROOT, "gs:").exists()
+
+
 def test_config_error_on_the_command_line_is_one_line():
     result = run_main(
         "--config=experiments/dates_transformer.py:tiny",

@@ -96,7 +96,7 @@ def test_tpu_command_round_trips_through_the_shell():
 def test_print_mode_prints_one_gcloud_command_per_trial():
     result = run_sweep(
         "--config=experiments/dates_transformer.py",
-        "--workdir=gs://bucket/sweeps/dates",
+        "--workdir=/mnt/gcs/sweeps/dates",
         "--run=print",
         "--tpu_name=my-tpu",
         "--zone=europe-west4-a",
@@ -113,11 +113,24 @@ def test_print_mode_prints_one_gcloud_command_per_trial():
         (command,) = [a for a in argv if a.startswith("--command=")]
         remote = shlex.split(command[len("--command=") :])
         assert remote[3:6] == ["python", "-m", "attnx.main"]
-        assert f"--workdir=gs://bucket/sweeps/dates/{sweep.trial_name(trial)}" in remote
+        assert f"--workdir=/mnt/gcs/sweeps/dates/{sweep.trial_name(trial)}" in remote
         assert "--config=experiments/dates_transformer.py" in remote
         assert "--config.train.steps=100" in remote  # the common override reaches every trial
         for flag in sweep.override_flags(trial):
             assert flag in remote
+
+
+def test_a_bucket_url_as_root_is_refused_with_advice():
+    result = run_sweep(
+        "--config=experiments/dates_transformer.py",
+        "--workdir=gs://bucket/sweeps/dates",
+        "--run=print",
+        "--tpu_name=my-tpu",
+        timeout=120,
+    )
+    assert result.returncode != 0
+    assert "--workdir=gs://bucket/sweeps/dates" in result.stderr and "gcsfuse" in result.stderr
+    assert result.stdout == ""
 
 
 def test_a_bad_trial_stops_the_sweep_before_anything_runs(tmp_path):

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from attnx.models import make_model_config
-from attnx.training.config import validate
+from attnx.training.config import make_task, validate
 from attnx.training.optimizers import RECIPES
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -221,6 +221,19 @@ def test_captioner_settings():
     assert (built.encoder, built.image_channels, built.hidden_dim) == ("conv", 3, 1800)
     assert built.vocab_size == coco.task.vocab_size == 10000
     assert (coco.train.optimizer, coco.train.attention_penalty) == ("adam", 1.0)
+    # Training draws one of the five-odd captions per image and epoch.
+    assert make_task(coco).caption_choice == "random"
+
+
+def test_bad_task_keys_are_named():
+    coco = load("coco_spatial.py").get_config("tiny")
+    coco.task.caption_choice = "sometimes"
+    with pytest.raises(ValueError, match="config.task: .*caption_choice"):
+        validate(coco)
+    dates = load("dates_transformer.py").get_config("tiny")
+    dates.task.caption_key = "caption"
+    with pytest.raises(ValueError, match="config.task: Dataset 'dates' is text to text"):
+        validate(dates)
 
 
 # --------------------------------------------------------------------------- config errors

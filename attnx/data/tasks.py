@@ -190,6 +190,19 @@ def get_task(
         )
     if caption_choice is not None and text_keys:
         raise ValueError(f"Dataset {dataset!r}: caption_choice applies only to captioning.")
+    text_dataset = base in ("dates", "number_words") or (
+        base.startswith("wmt") and base.endswith("_translate")
+    )
+    image_dataset = base in ("digit_captions", "coco_captions")
+    if text_dataset and (image_keys or caption_choice is not None):
+        raise ValueError(
+            f"Dataset {dataset!r} is text to text: image_key, caption_key and "
+            "caption_choice do not apply."
+        )
+    if image_dataset and text_keys:
+        raise ValueError(
+            f"Dataset {dataset!r} is image to text: source_key and target_key do not apply."
+        )
 
     if base in ("dates", "number_words"):
         return TextPairTask(dataset, source_key or "source", target_key or "target")

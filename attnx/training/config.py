@@ -10,7 +10,11 @@ import jax
 import ml_collections
 from ml_collections import config_dict
 
+from attnx.data import tasks
 from attnx.models import MODELS
+
+# config.task keys that say which record fields a task reads.
+TASK_KEYS = ("source_key", "target_key", "image_key", "caption_key", "caption_choice")
 
 TOKENIZERS = ("char", "byte", "sentencepiece")
 
@@ -30,6 +34,12 @@ def base_config() -> ml_collections.ConfigDict:
         eval_split="validation",
         source_key=config_dict.placeholder(str),
         target_key=config_dict.placeholder(str),
+        image_key=config_dict.placeholder(str),
+        caption_key=config_dict.placeholder(str),
+        # Images with several captions (COCO): train on 'first', or on a
+        # 'random' one, drawn anew for every image and epoch. Evaluation
+        # scores against all of them either way.
+        caption_choice=config_dict.placeholder(str),
         image_size=config_dict.placeholder(tuple),
     )
     c.model = dict(name="transformer", preset=config_dict.placeholder(str))
@@ -91,6 +101,15 @@ def _positive(key: str, value) -> None:
         raise ValueError(f"config.{key} must be >= 1, got {value!r}")
 
 
+def make_task(config: ml_collections.ConfigDict) -> tasks.Task:
+    """The task of config.task: the dataset and the record fields it reads."""
+    keys = {key: config.task.get(key) for key in TASK_KEYS if config.task.get(key)}
+    try:
+        return tasks.get_task(config.task.dataset, **keys)
+    except ValueError as error:
+        raise ValueError(f"config.task: {error}") from None
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError naming the first bad key; cheap (no data, no compilation)."""
     for section in ("task", "model", "train", "checkpoint", "eval", "mesh"):
@@ -98,6 +117,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{section} is missing (start from base_config())")
     _choice("model.name", config.model.name, sorted(MODELS))
     _choice("task.tokenizer", config.task.tokenizer, TOKENIZERS)
+    make_task(config)
     for key in (
         "train.steps",
         "train.batch_size",

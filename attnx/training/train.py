@@ -8,6 +8,7 @@ sharding, restore, step, evaluation, loop. Everything a run writes goes to
 checkpoint, data iterator included; SIGTERM saves and exits cleanly.
 """
 
+import dataclasses
 import os
 from typing import Any
 
@@ -21,13 +22,16 @@ from flax import nnx
 from attnx.data import pipeline, tasks
 from attnx.models import build_model, make_model_config
 from attnx.training import checkpoints, evaluate, optimizers, sharding, steps
+from attnx.training import config as config_lib
 from attnx.training import metrics as metrics_lib
 from attnx.training.logging import MetricsWriter
 
 
-def _task(config: ml_collections.ConfigDict) -> tasks.Task:
-    keys = {k: config.task.get(k) for k in ("source_key", "target_key") if config.task.get(k)}
-    return tasks.get_task(config.task.dataset, **keys)
+def _eval_task(task: tasks.Task) -> tasks.Task:
+    if getattr(task, "caption_choice", None) == "random":
+        # The teacher-forced evaluation loss is on one fixed caption per image.
+        return dataclasses.replace(task, caption_choice="first")
+    return task
 
 
 def _pipeline(config, source, task, tokenizer, *, train: bool, batch_size: int, sharding_):
@@ -90,7 +94,7 @@ def train_and_evaluate(
             )
 
     # --- Data ----------------------------------------------------------------
-    task = _task(config)
+    task = config_lib.make_task(config)
     train_source = tasks.open_source(config.task.dataset, "train", config.task.data_dir)
     eval_source = tasks.open_source(
         config.task.dataset, config.task.eval_split, config.task.data_dir
@@ -116,7 +120,7 @@ def train_and_evaluate(
         return _pipeline(
             config,
             eval_source,
-            task,
+            _eval_task(task),
             tokenizer,
             train=False,
             batch_size=config.eval.batch_size,

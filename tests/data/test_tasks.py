@@ -49,6 +49,15 @@ def test_unknown_dataset_is_named():
         tasks.get_task("my_corpus", source_key="q", image_key="image")
 
 
+def test_keys_of_the_other_kind_of_task_are_named():
+    with pytest.raises(ValueError, match="'dates' is text to text"):
+        tasks.get_task("dates", caption_key="caption")
+    with pytest.raises(ValueError, match="'number_words/en_de' is text to text"):
+        tasks.get_task("number_words/en_de", caption_choice="random")
+    with pytest.raises(ValueError, match="'coco_captions/2014' is image to text"):
+        tasks.get_task("coco_captions/2014", target_key="text")
+
+
 def test_missing_field_names_field_and_dataset():
     task = tasks.get_task("my_corpus", source_key="question", target_key="answer")
     with pytest.raises(KeyError, match="'my_corpus'.*'answer'.*available: \\['question'\\]"):

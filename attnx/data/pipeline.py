@@ -288,8 +288,12 @@ def _process_rows(
     seed: int,
     packed_lengths: dict[str, int] | None,
     global_batch_size: int,
+    start_batch: int = 0,
 ) -> grain.IterDataset:
-    """The unbatched rows of one process: examples, or packed rows if packed_lengths."""
+    """The unbatched rows of one process: examples, or packed rows if packed_lengths.
+
+    `start_batch` skips the rows of the first global batches (unpacked only).
+    """
     indices = grain.MapDataset.range(num_records)
     if num_epochs is not None:
         # Pad every epoch to whole global batches with rows that hold no
@@ -312,6 +316,8 @@ def _process_rows(
         process_count=process_count,
     )
     if packed_lengths is None:
+        if start_batch:
+            rows = rows[start_batch * (global_batch_size // process_count) :]
         return rows.to_iter_dataset()
     # Packing fills rows from this process's examples only: packed batches
     # depend on the process count (each process packs its own stream).
@@ -447,6 +453,7 @@ def make_pipeline(
     image_size: tuple[int, int] | None = None,
     extra_fields: Mapping[str, Sequence[int]] | None = None,
     with_index: bool = False,
+    start_batch: int = 0,
     sharding: jax.sharding.Sharding | None = None,
 ) -> BatchIterator:
     """Builds the input pipeline of one process.
@@ -485,6 +492,11 @@ def make_pipeline(
       with_index: add 'index' [B] int32, the source index of each row's record
         (-1 for a row without one), e.g. to look up every reference caption
         of an image in evaluation; not with packing.
+      start_batch: begin at this global batch of the stream (the number of
+        batches a run has consumed), without reading the ones before: resumes
+        a run on a different number of processes, whose iterator states do
+        not carry over. Not with packing (a process's packed rows depend on
+        every example it packed before).
       sharding: if given, batches come as global `jax.Array`s with this sharding
         (see `to_global_batch`); else as this process's numpy arrays.
 
@@ -528,6 +540,11 @@ def make_pipeline(
         raise ValueError(
             f"The global batch has {batch_size} rows, which must be a positive multiple of "
             f"process_count={process_count}."
+        )
+    if start_batch < 0 or (start_batch and packing):
+        raise ValueError(
+            f"start_batch={start_batch}: must be >= 0, and 0 with packing (packed rows "
+            "depend on every example packed before them)."
         )
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be None or >= 1, got {num_epochs}.")
@@ -573,7 +590,7 @@ def make_pipeline(
         ),
         global_batch_size=batch_size,
     )
-    dataset = shard_rows(process_index)
+    dataset = shard_rows(process_index, start_batch=start_batch)
     missing_batches = 0
     if packing and not training:
         # How many rows a process's examples pack into depends on their

@@ -75,10 +75,11 @@ class ProcessJsonHandler(ocp.CheckpointHandler):
         written = sorted(p.name for p in epath.Path(directory).glob("process_*.json"))
         if not written:
             raise FileNotFoundError(f"no per-process JSON files in {directory}")
-        # Positions of other data shards mean nothing here; the caller restarts the data.
+        # Another process count's positions mean nothing to this process's
+        # iterator; the caller repositions the data by the step instead.
         logging.warning(
             "checkpoint: the data iterator state in %s was written by other processes (%s); "
-            "this run has %d processes, so the data iterator starts afresh.",
+            "this run has %d processes.",
             directory,
             written[0],
             jax.process_count(),

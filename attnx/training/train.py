@@ -34,7 +34,9 @@ def _eval_task(task: tasks.Task) -> tasks.Task:
     return task
 
 
-def _pipeline(config, source, task, tokenizer, *, train: bool, batch_size: int, sharding_):
+def _pipeline(
+    config, source, task, tokenizer, *, train: bool, batch_size: int, sharding_, start_batch=0
+):
     return pipeline.make_pipeline(
         source,
         task,
@@ -50,6 +52,7 @@ def _pipeline(config, source, task, tokenizer, *, train: bool, batch_size: int, 
         image_size=tuple(config.task.image_size) if config.task.get("image_size") else None,
         # Evaluation scores against the records' raw references (every caption).
         with_index=not train,
+        start_batch=start_batch,
         sharding=sharding_,
     )
 
@@ -106,15 +109,20 @@ def train_and_evaluate(
         train_source,
         config.task.get("vocab_size"),
     )
-    train_batches = _pipeline(
-        config,
-        train_source,
-        task,
-        tokenizer,
-        train=True,
-        batch_size=config.train.batch_size,
-        sharding_=data_sharding,
-    )
+
+    def make_train_batches(start_batch: int = 0):
+        return _pipeline(
+            config,
+            train_source,
+            task,
+            tokenizer,
+            train=True,
+            batch_size=config.train.batch_size,
+            sharding_=data_sharding,
+            start_batch=start_batch,
+        )
+
+    train_batches = make_train_batches()
 
     def eval_batches():
         return _pipeline(
@@ -195,6 +203,17 @@ def train_and_evaluate(
             train_batches.set_state(data_state["iterator"])
             if plateau is not None and data_state.get("plateau"):
                 plateau.load_state_dict(data_state["plateau"])
+        elif config.task.packing:
+            logging.warning(
+                "The checkpoint's data positions come from another number of processes and "
+                "packed batches cannot be repositioned: the data starts from its beginning."
+            )
+        else:
+            # Written by another number of processes: every global batch is the
+            # same for any process count, so the step says where to continue.
+            train_batches.close()
+            train_batches = make_train_batches(start_batch=int(state.step))
+            logging.info("Data repositioned at global batch %d.", int(state.step))
         logging.info("Resumed from step %d.", int(state.step))
     start_step = int(state.step)
     checkpointer.install_sigterm_handler()

@@ -216,6 +216,20 @@ def test_global_batches_do_not_depend_on_the_process_count(training):
             assert count == steps
 
 
+def test_start_batch_resumes_on_another_process_count():
+    # A run that consumed 7 global batches on 1 process continues on 4 (and
+    # back): the next batches are those the 1-process run would have read.
+    options = dict(batch_size=4, max_source_length=5)
+    expected = global_batches(1, 10, **options)[7:]
+    for process_count in (4, 1):
+        got = global_batches(process_count, 3, start_batch=7, **options)
+        for want, batch in zip(expected, got, strict=True):
+            for key in want:
+                np.testing.assert_array_equal(batch[key], want[key], err_msg=key)
+    with pytest.raises(ValueError, match="start_batch=2"):
+        tiny_pipeline(True, start_batch=2)
+
+
 def test_training_refills_the_rows_of_examples_too_long_to_keep():
     source = tiny_source()
     fits = {i for i, r in enumerate(source) if len(tasks.to_text(r["source"])) + 1 <= 4}

@@ -114,11 +114,13 @@ def test_same_loss_on_one_device_and_a_sharded_mesh(sharded_run, single_device_r
     np.testing.assert_allclose(train_loss(single_device_run), train_loss(sharded_run), rtol=1e-5)
 
 
-def test_same_loss_in_two_processes_as_in_one(tmp_path, data_dir, single_device_run):
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory, data_dir):
+    """The tiny experiment in 2 local processes of 4 devices each (jax.distributed, gloo)."""
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    workdir = tmp_path / "two_processes"
+    workdir = tmp_path_factory.mktemp("two_processes")
     processes = [
         subprocess.Popen(
             command(
@@ -142,8 +144,13 @@ def test_same_loss_in_two_processes_as_in_one(tmp_path, data_dir, single_device_
     outputs = [p.communicate(timeout=900) for p in processes]
     for p, (_, err) in zip(processes, outputs, strict=True):
         assert p.returncode == 0, err[-4000:]
+    return workdir
+
+
+def test_same_loss_in_two_processes_as_in_one(two_process_run, single_device_run):
     # Every process reads its rows of the same global batches, so two
     # processes of 4 devices train exactly as one process of 1 device.
+    workdir = two_process_run
     np.testing.assert_allclose(train_loss(workdir), train_loss(single_device_run), rtol=1e-5)
     final = {name: metrics(name)[-1] for name in (workdir, single_device_run)}
     for key in ("eval/loss", "eval/exact_match", "eval/decoded_examples"):
@@ -151,12 +158,32 @@ def test_same_loss_in_two_processes_as_in_one(tmp_path, data_dir, single_device_
     assert (workdir / "checkpoints" / str(STEPS)).is_dir()
 
 
-def test_checkpoint_written_on_eight_devices_restores_on_one(tmp_path, data_dir, sharded_run):
-    workdir = tmp_path / "resumed"
-    shutil.copytree(sharded_run, workdir)
-    result = run(workdir, data_dir, f"--config.train.steps={STEPS + 2}", devices=1)
+def resume(workdir, copy_to, data_dir, devices=1):
+    """Copies a finished run and trains it 2 steps further on `devices` devices."""
+    shutil.copytree(workdir, copy_to)
+    result = run(copy_to, data_dir, f"--config.train.steps={STEPS + 2}", devices=devices)
     assert f"Resumed from step {STEPS}" in result.stderr
-    assert (workdir / "checkpoints" / str(STEPS + 2)).is_dir()
+    assert (copy_to / "checkpoints" / str(STEPS + 2)).is_dir()
+    return result
+
+
+def test_checkpoint_written_on_eight_devices_restores_on_one(tmp_path, data_dir, sharded_run):
+    resume(sharded_run, tmp_path / "resumed", data_dir)
+
+
+def test_two_process_checkpoint_resumes_in_one_process_at_the_same_batch(
+    tmp_path, data_dir, two_process_run, single_device_run
+):
+    # The iterator positions of 2 processes do not fit 1 process: the data is
+    # repositioned by the step, at the batch the 1-process run reads next.
+    moved = resume(two_process_run, tmp_path / "moved", data_dir)
+    assert "Data repositioned at global batch 20" in moved.stderr
+    resume(single_device_run, tmp_path / "stayed", data_dir)
+    np.testing.assert_allclose(
+        train_loss(tmp_path / "moved", STEPS + 2),
+        train_loss(tmp_path / "stayed", STEPS + 2),
+        rtol=1e-5,
+    )
 
 
 def test_sigkill_at_a_random_step_then_restart_is_bit_identical(

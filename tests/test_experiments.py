@@ -92,6 +92,8 @@ def _variants():
         yield name, "tiny"
     for arg in ("luong", "luong_local", "luong,tiny", "luong_local,tiny"):
         yield "dates_rnn.py", arg
+    for arg in ("hard", "hard,tiny"):
+        yield "digits_spatial.py", arg
 
 
 @pytest.mark.parametrize(("name", "arg"), list(_variants()))
@@ -323,16 +325,17 @@ def test_wrong_type_on_the_command_line_is_named():
     assert "parameter" not in result.stdout
 
 
-def test_hard_attention_training_is_refused_by_name():
-    from attnx.training.config import validate
-
-    spec = importlib.util.spec_from_file_location(
-        "digits_spatial",
-        pathlib.Path(__file__).resolve().parents[1] / "experiments/digits_spatial.py",
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
-    config.model.attention = "hard"
-    with pytest.raises(ValueError, match="attention='hard'"):
-        validate(config)
+def test_hard_attention_variant_and_its_settings_are_checked():
+    hard = load("digits_spatial.py").get_config("hard,tiny")
+    assert hard.model.attention == "hard" and hard.train.attention_penalty == 0.0
+    assert (hard.train.reward_weight, hard.train.baseline_decay) == (1.0, 0.9)
+    validate(hard)
+    for key, value, message in (
+        ("reward_weight", -1.0, "config.train.reward_weight must be >= 0"),
+        ("entropy_weight", -0.1, "config.train.entropy_weight must be >= 0"),
+        ("baseline_decay", 1.0, r"config.train.baseline_decay must be in \[0, 1\)"),
+    ):
+        bad = load("digits_spatial.py").get_config("hard,tiny")
+        bad.train[key] = value
+        with pytest.raises(ValueError, match=message):
+            validate(bad)

@@ -30,7 +30,8 @@ Attention types (`attention=`):
   Multinoulli(alpha_t) is sampled every step and z_t = beta_t a_{s_t}; as in
   the paper, for each image with probability `hard_expectation_prob` (0.5)
   the sample is replaced by its expected value alpha_t. Train with
-  `attnx.models.caption_losses.hard_attention_loss` (REINFORCE, eq. 12).
+  `attnx.models.caption_losses.hard_attention_loss` (REINFORCE, eq. 12), as
+  the training loop does for `experiments/digits_spatial.py:hard`.
   In evaluation (`train=False`, and every `decode_step`) decoding must be
   deterministic for beam search: `hard_eval='expectation'` (default) uses
   alpha_t as in soft attention (the paper's deterministic approximation);
@@ -115,7 +116,9 @@ class Captioner(nnx.Module):
     Args:
       config: a `CaptionerConfig` (see `digits_small`, `coco_vgg`, `tiny`).
       rngs: 'params' for initialisation; 'dropout' (or 'default') for dropout
-        and, with hard attention, for sampling locations.
+        and, with hard attention, the first key of the model's own 'location'
+        stream, which samples locations (reseed it with
+        `nnx.reseed(model, location=key)`).
 
     Parameters (besides the encoder's and the attention's), `x @ kernel` layout:
       embedding E `[vocab, m]`; init_layers (ReLU, `[C, C]`);
@@ -180,8 +183,11 @@ class Captioner(nnx.Module):
         self.logits_bias = param(rngs, _zeros, (v,), ("vocab",), pdt)
         self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs if cfg.dropout_rate > 0 else None)
         self.hard = cfg.attention == "hard"
-        # Location samples come from their own fork of the dropout stream.
-        self.location_rngs = rngs["dropout"].fork() if self.hard else nnx.data(None)
+        # Location samples have their own stream ('location'), so that a
+        # training step can reseed it apart from dropout (attnx.training.steps).
+        self.location_rngs = (
+            nnx.RngStream(rngs["dropout"](), tag="location") if self.hard else nnx.data(None)
+        )
 
     # -- encoder -------------------------------------------------------------
 

@@ -62,6 +62,11 @@ def base_config() -> ml_collections.ConfigDict:
         grad_accum_steps=1,
         label_smoothing=0.0,
         attention_penalty=0.0,
+        # Hard attention's REINFORCE (Xu et al. 2015, eq. 12): lambda_r, lambda_e
+        # and the baseline's moving-average decay (the paper's 0.9).
+        reward_weight=1.0,
+        entropy_weight=0.01,
+        baseline_decay=0.9,
         plateau_factor=0.1,
         plateau_patience=0,
         plateau_metric="eval/perplexity",
@@ -137,12 +142,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.train.batch_size={config.train.batch_size} is not divisible by "
             f"config.train.grad_accum_steps={config.train.grad_accum_steps}"
         )
-    if config.model.name == "captioner" and config.model.get("attention") == "hard":
-        # The loop's loss has no REINFORCE term or baseline yet; training would
-        # silently give the sampled attention no learning signal.
+    for key in ("train.attention_penalty", "train.reward_weight", "train.entropy_weight"):
+        value = config.train[key.split(".")[1]]
+        if value < 0:
+            raise ValueError(f"config.{key} must be >= 0, got {value!r}")
+    if not 0.0 <= config.train.baseline_decay < 1.0:
         raise ValueError(
-            "config.model.attention='hard' is not supported by the training loop yet "
-            "(attnx.models.caption_losses.hard_attention_loss exists; use 'soft')"
+            f"config.train.baseline_decay must be in [0, 1), got {config.train.baseline_decay!r}"
         )
     _choice("eval.length_penalty", config.eval.length_penalty, ("gnmt", "power"))
     if config.checkpoint.average_last > config.checkpoint.keep:

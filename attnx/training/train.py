@@ -177,6 +177,7 @@ def train_and_evaluate(
             params=params,
             opt_state=optimizer.init(params),
             rng=jax.random.key_data(jax.random.key(seed + 2)),
+            baseline=jnp.zeros([], jnp.float32),
         )
 
     with jax.set_mesh(mesh):
@@ -219,6 +220,13 @@ def train_and_evaluate(
     checkpointer.install_sigterm_handler()
 
     # --- Step ----------------------------------------------------------------
+    hard_attention = None
+    if captions and config.model.get("attention") == "hard":
+        hard_attention = steps.HardAttention(
+            reward_weight=float(config.train.reward_weight),
+            entropy_weight=float(config.train.entropy_weight),
+            baseline_decay=float(config.train.baseline_decay),
+        )
     train_step = jax.jit(
         steps.make_train_step(
             graphdef,
@@ -227,6 +235,7 @@ def train_and_evaluate(
             label_smoothing=float(config.train.label_smoothing),
             grad_accum_steps=config.train.grad_accum_steps,
             attention_penalty=float(config.train.get("attention_penalty", 0.0)),
+            hard_attention=hard_attention,
         ),
         in_shardings=(state_shardings, data_sharding),
         out_shardings=(state_shardings, None),
@@ -329,6 +338,8 @@ def train_and_evaluate(
             logged["train/learning_rate"] = float(schedule(step - 1)) * optimizers.get_lr_scale(
                 state.opt_state
             )
+            if hard_attention is not None:
+                logged["train/baseline"] = float(state.baseline)  # b after this step
             writer.write(step, logged)
             writer.progress(step, logged["train/loss"])
             results.update(logged)

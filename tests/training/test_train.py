@@ -271,3 +271,39 @@ def test_eval_mode_without_a_checkpoint_names_the_problem(tmp_path, data_dir):
     )
     assert result.returncode != 0
     assert "needs a checkpoint" in result.stderr
+
+
+def test_hard_attention_captioner_trains_with_reinforce_end_to_end(tmp_path):
+    # Show, Attend and Tell's hard attention through the whole loop: the
+    # REINFORCE terms and the baseline are logged, and the baseline is in the
+    # checkpoint (it is part of the train state).
+    digits = tmp_path / "tfds"
+    prepare.prepare("digit_captions", str(digits))
+    workdir = tmp_path / "hard"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "attnx.main",
+            "--config=experiments/digits_spatial.py:hard,tiny",
+            f"--workdir={workdir}",
+            f"--config.task.data_dir={digits}",
+        ],
+        env=environment(2),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    logged = [m for m in metrics(workdir) if "train/reinforce" in m]
+    assert [m["step"] for m in logged] == [10, 20]
+    for m in logged:
+        assert all(np.isfinite(m[k]) for k in ("train/reinforce", "train/entropy"))
+        assert m["train/entropy"] > 0
+        # Started at 0, the baseline follows log p(y | s, a) < 0.
+        assert m["train/baseline"] < 0
+    assert logged[1]["train/baseline"] < logged[0]["train/baseline"]
+    assert any(m["step"] == 20 and "eval/bleu4" in m for m in metrics(workdir))
+    restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "20" / "state")
+    assert float(restored["baseline"]) == pytest.approx(logged[1]["train/baseline"], abs=1e-6)

@@ -37,26 +37,14 @@ Expected: see README results table.
 
 import ml_collections
 
-from attnx.training.config import base_config
+from attnx.training.config import base_config, parse_options
 from attnx.training.optimizers import RECIPES
 
 OPTIONS = ("luong", "luong_local", "tiny")
 
 
-def _options(arg: str | None) -> set[str]:
-    """'luong,tiny' -> {'luong', 'tiny'}; an unknown option raises naming it."""
-    options = {part.strip() for part in (arg or "").split(",") if part.strip()}
-    unknown = sorted(options - set(OPTIONS))
-    if unknown:
-        raise ValueError(
-            f"experiments/dates_rnn.py: unknown arg {unknown[0]!r} in {arg!r}; "
-            f"use a comma-separated subset of {list(OPTIONS)}"
-        )
-    return options
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    options = _options(arg)
+    options = parse_options(arg, OPTIONS, "experiments/dates_rnn.py")
     config = base_config()
     config.task.dataset = "dates"
     config.task.tokenizer = "char"

@@ -39,25 +39,13 @@ Expected: see README results table.
 
 import ml_collections
 
-from attnx.training.config import base_config
+from attnx.training.config import base_config, parse_options
 
 OPTIONS = ("hard", "tiny")
 
 
-def _options(arg: str | None) -> set[str]:
-    """'hard,tiny' -> {'hard', 'tiny'}; an unknown option raises naming it."""
-    options = {part.strip() for part in (arg or "").split(",") if part.strip()}
-    unknown = sorted(options - set(OPTIONS))
-    if unknown:
-        raise ValueError(
-            f"experiments/digits_spatial.py: unknown arg {unknown[0]!r} in {arg!r}; "
-            f"use a comma-separated subset of {list(OPTIONS)}"
-        )
-    return options
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    options = _options(arg)
+    options = parse_options(arg, OPTIONS, "experiments/digits_spatial.py")
     config = base_config()
     config.task.dataset = "digit_captions"
     config.task.tokenizer = "char"

@@ -96,6 +96,22 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def parse_options(arg: str | None, allowed: tuple[str, ...], experiment: str) -> set[str]:
+    """An experiment's comma-separated arg, 'luong,tiny' -> {'luong', 'tiny'}.
+
+    Raises:
+      ValueError: naming the first unknown option, the experiment and the choices.
+    """
+    options = {part.strip() for part in (arg or "").split(",") if part.strip()}
+    unknown = sorted(options - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"{experiment}: unknown arg {unknown[0]!r} in {arg!r}; "
+            f"use a comma-separated subset of {list(allowed)}"
+        )
+    return options
+
+
 def _choice(key: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"config.{key}={value!r}; choose one of {list(choices)}")

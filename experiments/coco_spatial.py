@@ -51,7 +51,7 @@ no accelerator and no COCO download on this machine.
 
 import ml_collections
 
-from attnx.training.config import base_config
+from attnx.training.config import base_config, smoke_run
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -98,15 +98,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.hidden_dim = 32
         config.model.attention_dim = 16
         config.model.init_hidden_layers = 0
-        config.train.steps = 20
-        config.train.batch_size = 16
-        config.train.log_every_steps = 10
-        config.checkpoint.every_steps = 10
-        config.eval.every_steps = 20
-        config.eval.batch_size = 16
-        config.eval.max_examples = 32
-        config.eval.beam_size = 2
-        config.eval.num_plots = 2
+        smoke_run(config)
     elif arg is not None:
         raise ValueError(f"experiments/coco_spatial.py: unknown arg {arg!r}; use 'tiny'")
     return config

@@ -37,7 +37,7 @@ Expected: see README results table.
 
 import ml_collections
 
-from attnx.training.config import base_config, parse_options
+from attnx.training.config import base_config, parse_options, smoke_run
 from attnx.training.optimizers import RECIPES
 
 OPTIONS = ("luong", "luong_local", "tiny")
@@ -90,13 +90,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             config.model.decoder_hidden_dim = 32
         if config.model.get("window") is not None:
             config.model.window = 2
-        config.train.steps = 20
-        config.train.batch_size = 16
-        config.train.log_every_steps = 10
-        config.checkpoint.every_steps = 10
-        config.eval.every_steps = 20
-        config.eval.batch_size = 16
-        config.eval.max_examples = 32
-        config.eval.beam_size = 2
-        config.eval.num_plots = 2
+        smoke_run(config)
     return config

@@ -27,7 +27,7 @@ Sweep (learning-rate multiplier x model width, 6 trials, one after another):
 import ml_collections
 
 from attnx.sweep import product
-from attnx.training.config import base_config
+from attnx.training.config import base_config, smoke_run
 from attnx.training.optimizers import RECIPES
 
 
@@ -65,16 +65,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.d_ff = 64
         config.model.num_encoder_layers = 1
         config.model.num_decoder_layers = 1
-        config.train.steps = 20
-        config.train.batch_size = 16
-        config.train.warmup_steps = 10
-        config.train.log_every_steps = 10
-        config.checkpoint.every_steps = 10
-        config.eval.every_steps = 20
-        config.eval.batch_size = 16
-        config.eval.max_examples = 32
-        config.eval.beam_size = 2
-        config.eval.num_plots = 2
+        smoke_run(config)
     elif arg is not None:
         raise ValueError(f"experiments/dates_transformer.py: unknown arg {arg!r}; use 'tiny'")
     return config

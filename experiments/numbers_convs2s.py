@@ -22,7 +22,7 @@ Expected: see README results table.
 
 import ml_collections
 
-from attnx.training.config import base_config
+from attnx.training.config import base_config, smoke_run
 from attnx.training.optimizers import RECIPES
 
 
@@ -56,15 +56,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.embed_dim = 16
         config.model.encoder_layers = ((16, 3),) * 2
         config.model.decoder_layers = ((16, 3),) * 2
-        config.train.steps = 20
-        config.train.batch_size = 16
-        config.train.log_every_steps = 10
-        config.checkpoint.every_steps = 10
+        smoke_run(config)
         config.eval.every_steps = 10
-        config.eval.batch_size = 16
-        config.eval.max_examples = 32
-        config.eval.beam_size = 2
-        config.eval.num_plots = 2
     elif arg is not None:
         raise ValueError(f"experiments/numbers_convs2s.py: unknown arg {arg!r}; use 'tiny'")
     return config

@@ -21,7 +21,7 @@ Expected: see README results table.
 
 import ml_collections
 
-from attnx.training.config import base_config
+from attnx.training.config import base_config, smoke_run
 from attnx.training.optimizers import RECIPES
 
 
@@ -59,16 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.d_ff = 64
         config.model.num_encoder_layers = 1
         config.model.num_decoder_layers = 1
-        config.train.steps = 20
-        config.train.batch_size = 16
-        config.train.warmup_steps = 10
-        config.train.log_every_steps = 10
-        config.checkpoint.every_steps = 10
-        config.eval.every_steps = 20
-        config.eval.batch_size = 16
-        config.eval.max_examples = 32
-        config.eval.beam_size = 2
-        config.eval.num_plots = 2
+        smoke_run(config)
     elif arg is not None:
         raise ValueError(f"experiments/numbers_transformer.py: unknown arg {arg!r}; use 'tiny'")
     return config

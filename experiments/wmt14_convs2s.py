@@ -44,7 +44,7 @@ paper's tokenized BLEU.
 
 import ml_collections
 
-from attnx.training.config import base_config
+from attnx.training.config import base_config, smoke_run
 from attnx.training.optimizers import RECIPES
 
 
@@ -87,15 +87,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.encoder_layers = ((16, 3),) * 2
         config.model.decoder_layers = ((16, 3),) * 2
         config.model.decoder_out_embed_dim = 16
-        config.train.steps = 20
-        config.train.batch_size = 16
-        config.train.log_every_steps = 10
-        config.checkpoint.every_steps = 10
+        smoke_run(config)
         config.eval.every_steps = 10
-        config.eval.batch_size = 16
-        config.eval.max_examples = 32
-        config.eval.beam_size = 2
-        config.eval.num_plots = 2
     elif arg is not None:
         raise ValueError(f"experiments/wmt14_convs2s.py: unknown arg {arg!r}; use 'tiny'")
     return config

@@ -41,7 +41,7 @@ score newstest2014. attnx's `eval/bleu` is sacrebleu on detokenised text.
 
 import ml_collections
 
-from attnx.training.config import base_config
+from attnx.training.config import base_config, smoke_run
 from attnx.training.optimizers import RECIPES
 
 
@@ -84,15 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.decoder_hidden_dim = 16
         config.model.attention_dim = 16
         config.model.maxout_units = 8
-        config.train.steps = 20
-        config.train.batch_size = 16
-        config.train.log_every_steps = 10
-        config.checkpoint.every_steps = 10
-        config.eval.every_steps = 20
-        config.eval.batch_size = 16
-        config.eval.max_examples = 32
-        config.eval.beam_size = 2
-        config.eval.num_plots = 2
+        smoke_run(config)
     elif arg is not None:
         raise ValueError(f"experiments/wmt14_rnnsearch.py: unknown arg {arg!r}; use 'tiny'")
     return config

@@ -46,7 +46,7 @@ tokenized BLEU.
 
 import ml_collections
 
-from attnx.training.config import base_config
+from attnx.training.config import base_config, smoke_run
 from attnx.training.optimizers import RECIPES
 
 
@@ -91,17 +91,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.d_ff = 64
         config.model.num_encoder_layers = 1
         config.model.num_decoder_layers = 1
-        config.train.steps = 20
-        config.train.batch_size = 16
-        config.train.warmup_steps = 10
-        config.train.log_every_steps = 10
+        smoke_run(config)
         config.checkpoint.every_steps = 5
         config.checkpoint.keep = 2
         config.checkpoint.average_last = 2
-        config.eval.every_steps = 20
-        config.eval.batch_size = 16
-        config.eval.max_examples = 32
-        config.eval.num_plots = 2
     elif arg is not None:
         raise ValueError(f"experiments/wmt14_transformer_big.py: unknown arg {arg!r}; use 'tiny'")
     return config

@@ -112,6 +112,28 @@ def parse_options(arg: str | None, allowed: tuple[str, ...], experiment: str) ->
     return options
 
 
+def smoke_run(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks the schedule of `config` in place to a CPU smoke run (an experiment's `tiny`).
+
+    20 steps of batch 16, logs every 10, a checkpoint every 10, one evaluation
+    at the end on 32 examples with beam 2 and 2 plots; a warmup shrinks to 10
+    steps. The experiment shrinks its model and data itself, and may change
+    any of these afterwards.
+    """
+    config.train.steps = 20
+    config.train.batch_size = 16
+    config.train.log_every_steps = 10
+    if config.train.warmup_steps:
+        config.train.warmup_steps = 10
+    config.checkpoint.every_steps = 10
+    config.eval.every_steps = 20
+    config.eval.batch_size = 16
+    config.eval.max_examples = 32
+    config.eval.beam_size = 2
+    config.eval.num_plots = 2
+    return config
+
+
 def _choice(key: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"config.{key}={value!r}; choose one of {list(choices)}")

@@ -1,5 +1,14 @@
-"""Attention maps as pictures: one heat map per (target, source) alignment."""
+"""Attention maps as pictures: one heat map per (target, source) alignment.
 
+Token labels come from any script (the `dates` task has 15). Matplotlib's
+bundled DejaVu Sans has no CJK, Thai or Devanagari glyphs, so each label is
+drawn with the first installed font that has its characters (DejaVu Sans,
+then any Noto, Droid, WenQuanYi or Unifont family: `apt install fonts-noto`
+covers every script), and a character that no installed font has is written
+as its code point (U+0E01) instead of an empty box.
+"""
+
+import functools
 import io
 import os
 from collections.abc import Sequence
@@ -8,7 +17,49 @@ import matplotlib
 import numpy as np
 
 matplotlib.use("Agg")
+import matplotlib.font_manager as font_manager  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ft2font import FT2Font  # noqa: E402
+
+_FALLBACK_FAMILIES = ("Noto", "Droid", "WenQuanYi", "Unifont", "Arial Unicode")
+
+
+@functools.cache
+def _label_fonts() -> tuple[tuple[str, FT2Font], ...]:
+    """(family, font) pairs to draw labels with, DejaVu Sans first."""
+    entries = [("DejaVu Sans", font_manager.findfont("DejaVu Sans"))]
+    entries += sorted(
+        (entry.name, entry.fname)
+        for entry in font_manager.fontManager.ttflist
+        if entry.name.startswith(_FALLBACK_FAMILIES)
+    )
+    fonts, seen = [], set()
+    for name, path in entries:
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            fonts.append((name, FT2Font(path)))
+        except (OSError, RuntimeError):  # an unreadable font file: skip it
+            continue
+    return tuple(fonts)
+
+
+@functools.cache
+def _has_glyph(char: str) -> bool:
+    return char.isspace() or any(font.get_char_index(ord(char)) for _, font in _label_fonts())
+
+
+def readable_labels(labels: Sequence[str]) -> list[str]:
+    """The labels, with every character no installed font can draw written as U+XXXX."""
+    return [
+        "".join(c if _has_glyph(c) else f"U+{ord(c):04X}" for c in str(label)) for label in labels
+    ]
+
+
+def label_families() -> list[str]:
+    """Font families for labels, in fallback order (Matplotlib picks per character)."""
+    return [name for name, _ in _label_fonts()]
 
 
 def plot_alignment(
@@ -30,15 +81,21 @@ def plot_alignment(
     Returns:
       The picture as an RGB uint8 array `[height, width, 3]` (for TensorBoard).
     """
-    weights = np.asarray(weights, np.float32)[: len(target_labels), : len(source_labels)]
+    weights = np.asarray(weights, np.float32)
     if weights.ndim != 2:
         raise ValueError(f"plot_alignment: weights must be [target, source], got {weights.shape}")
+    weights = weights[: len(target_labels), : len(source_labels)]
+    source_labels = readable_labels(source_labels)
+    target_labels = readable_labels(target_labels)
     width = max(3.0, 0.3 * len(source_labels) + 1.5)
     height = max(3.0, 0.3 * len(target_labels) + 1.5)
     figure, axis = plt.subplots(figsize=(width, height), dpi=80)
     axis.imshow(weights, cmap="Greys", vmin=0.0, vmax=1.0, aspect="auto")
-    axis.set_xticks(range(len(source_labels)), source_labels, fontsize=8)
-    axis.set_yticks(range(len(target_labels)), target_labels, fontsize=8)
+    font = {"fontsize": 8, "fontfamily": label_families()}
+    # Long labels (words, code points) would overlap side by side: turn them.
+    turn = 90 if max(map(len, source_labels), default=0) > 2 else 0
+    axis.set_xticks(range(len(source_labels)), source_labels, rotation=turn, **font)
+    axis.set_yticks(range(len(target_labels)), target_labels, **font)
     axis.set(xlabel="source", ylabel="target", title=title)
     figure.tight_layout()
     buffer = io.BytesIO()

@@ -158,10 +158,12 @@ def test_same_loss_in_two_processes_as_in_one(two_process_run, single_device_run
     assert (workdir / "checkpoints" / str(STEPS)).is_dir()
 
 
-def resume(workdir, copy_to, data_dir, devices=1):
+def resume(workdir, copy_to, data_dir, *overrides, devices=1):
     """Copies a finished run and trains it 2 steps further on `devices` devices."""
     shutil.copytree(workdir, copy_to)
-    result = run(copy_to, data_dir, f"--config.train.steps={STEPS + 2}", devices=devices)
+    result = run(
+        copy_to, data_dir, f"--config.train.steps={STEPS + 2}", *overrides, devices=devices
+    )
     assert f"Resumed from step {STEPS}" in result.stderr
     assert (copy_to / "checkpoints" / str(STEPS + 2)).is_dir()
     return result
@@ -176,13 +178,19 @@ def test_two_process_checkpoint_resumes_in_one_process_at_the_same_batch(
 ):
     # The iterator positions of 2 processes do not fit 1 process: the data is
     # repositioned by the step, at the batch the 1-process run reads next.
-    moved = resume(two_process_run, tmp_path / "moved", data_dir)
+    every_step = "--config.train.log_every_steps=1"
+    moved = resume(two_process_run, tmp_path / "moved", data_dir, every_step)
     assert "Data repositioned at global batch 20" in moved.stderr
-    resume(single_device_run, tmp_path / "stayed", data_dir)
+    resume(single_device_run, tmp_path / "stayed", data_dir, every_step)
+    # Step 21's loss is that of the step-20 parameters on the batch each run
+    # reads next. The two runs' parameters differ by rounding (8 devices sum in
+    # another order than 1, and Adam's normalised updates enlarge it), which
+    # moves this loss by up to ~5e-5 (measured 4.6e-5); another batch moves it
+    # by 0.3% to 3% (measured with three other data orders).
     np.testing.assert_allclose(
-        train_loss(tmp_path / "moved", STEPS + 2),
-        train_loss(tmp_path / "stayed", STEPS + 2),
-        rtol=1e-5,
+        train_loss(tmp_path / "moved", STEPS + 1),
+        train_loss(tmp_path / "stayed", STEPS + 1),
+        rtol=5e-4,
     )
 
 

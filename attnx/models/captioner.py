@@ -139,6 +139,7 @@ class Captioner(nnx.Module):
                 cfg.image_channels,
                 cfg.conv_blocks,
                 pool_last_block=cfg.pool_last_block,
+                conv_implementation=cfg.conv_implementation,
                 dtype=cfg.dtype,
                 param_dtype=pdt,
                 rngs=rngs,

@@ -24,6 +24,8 @@ class CaptionerConfig:
       image_channels: channels of the input image ('conv').
       conv_blocks: channels per convolution, grouped by block ('conv').
       pool_last_block: max-pool after the last conv block ('conv').
+      conv_implementation: 'xla', 'patches' or None (the backend's faster;
+        `attnx.models.image_encoders.resolve_conv_implementation`).
       feature_dim: C of precomputed features ('features'; ignored otherwise).
       embed_dim: m, word embedding size (also the deep output size, eq. 7).
       hidden_dim: n, LSTM size.
@@ -46,6 +48,7 @@ class CaptionerConfig:
     image_channels: int = 1
     conv_blocks: tuple[tuple[int, ...], ...] = DIGITS_BLOCKS
     pool_last_block: bool = True
+    conv_implementation: str | None = None
     feature_dim: int | None = None
     embed_dim: int = 128
     hidden_dim: int = 256
@@ -85,6 +88,11 @@ class CaptionerConfig:
         if not 0.0 <= self.dropout_rate < 1.0:
             raise ValueError(
                 f"CaptionerConfig: dropout_rate must be in [0, 1), got {self.dropout_rate}"
+            )
+        if self.conv_implementation not in (None, "xla", "patches"):
+            raise ValueError(
+                "CaptionerConfig: conv_implementation must be 'xla', 'patches' or None, "
+                f"got {self.conv_implementation!r}"
             )
         if self.init_hidden_layers < 0:
             raise ValueError(

@@ -59,6 +59,10 @@ VGG16_BLOCKS: tuple[tuple[int, ...], ...] = (
 class Conv2D(nnx.Module):
     """A 'SAME'-padded, stride-1 2-D convolution with bias, NHWC layout.
 
+    `implementation`: 'xla' (`lax.conv_general_dilated`), 'patches' (one
+    matrix product over shifted copies), or None for the backend's faster one
+    (`resolve_conv_implementation`). Both compute the same function.
+
     Attributes:
       kernel: `[kernel_size, kernel_size, in_channels, out_channels]` (HWIO).
       bias: `[out_channels]`.
@@ -71,12 +75,15 @@ class Conv2D(nnx.Module):
         kernel_size: int = 3,
         *,
         kernel_init: Initializer = nnx.initializers.he_normal(),
+        implementation: str | None = None,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
+        resolve_conv_implementation(implementation)  # an unknown name fails here
         self.in_channels = in_channels
         self.out_channels = out_channels
+        self.implementation = implementation
         self.dtype = dtype
         self.kernel = param(
             rngs,
@@ -91,21 +98,71 @@ class Conv2D(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         """`[batch, H, W, in_channels]` -> `[batch, H, W, out_channels]`."""
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
-            self.kernel[...].astype(self.dtype),
-            window_strides=(1, 1),
-            padding="SAME",
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
+        x = x.astype(self.dtype)
+        kernel = self.kernel[...].astype(self.dtype)
+        if resolve_conv_implementation(self.implementation) == "patches":
+            y = _conv_as_matmul(x, kernel)
+        else:
+            y = jax.lax.conv_general_dilated(
+                x,
+                kernel,
+                window_strides=(1, 1),
+                padding="SAME",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
         return y + self.bias[...].astype(self.dtype)
 
 
+CONV_IMPLEMENTATIONS = ("xla", "patches")
+
+
+def resolve_conv_implementation(implementation: str | None) -> str:
+    """None picks 'patches' on CPU and 'xla' on GPU and TPU (cuDNN / the MXU convolutions).
+
+    XLA's CPU convolutions are slow to differentiate: the kernel gradient of
+    a 3x3 convolution from 32 to 64 channels on 64 x 32 x 32 inputs takes
+    about 4x longer than the same product written as one matrix multiply
+    (benchmarks/train_step.py, the spatial setting).
+    """
+    if implementation is None:
+        return "patches" if jax.default_backend() == "cpu" else "xla"
+    if implementation not in CONV_IMPLEMENTATIONS:
+        raise ValueError(
+            f"conv implementation must be one of {CONV_IMPLEMENTATIONS} or None, "
+            f"got {implementation!r}"
+        )
+    return implementation
+
+
+def _conv_as_matmul(x: Array, kernel: Array) -> Array:
+    """'SAME' stride-1 convolution as one matrix product over k*k shifted copies (im2col).
+
+    `[b, h, w, c] x [k, k, c, o] -> [b, h, w, o]`; the copies cost k*k times
+    the input's memory, and both gradients become matrix products too.
+    """
+    size = kernel.shape[0]
+    before, after = (size - 1) // 2, size // 2
+    _, height, width, channels = x.shape
+    padded = jnp.pad(x, ((0, 0), (before, after), (before, after), (0, 0)))
+    patches = jnp.concatenate(
+        [padded[:, dy : dy + height, dx : dx + width] for dy in range(size) for dx in range(size)],
+        axis=-1,
+    )  # [b, h, w, k*k*c], ordered (dy, dx, c) like the HWIO kernel's rows
+    return patches @ kernel.reshape(size * size * channels, -1)
+
+
 def max_pool_2x2(x: Array) -> Array:
-    """2x2 max-pool with stride 2 over `[batch, H, W, C]` (odd edges dropped, as 'VALID')."""
-    return jax.lax.reduce_window(
-        x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), padding="VALID"
-    )
+    """2x2 max-pool with stride 2 over `[batch, H, W, C]` (odd edges dropped, as 'VALID').
+
+    A reshape and a max rather than `lax.reduce_window`, whose gradient
+    (select-and-scatter) is several times slower on CPU. Where a window holds
+    tied maxima the gradient is shared among them (reduce_window's goes to
+    one); both are valid subgradients, and after a ReLU ties are zeros, whose
+    gradient the ReLU stops anyway.
+    """
+    batch, height, width, channels = x.shape
+    x = x[:, : height // 2 * 2, : width // 2 * 2]
+    return jnp.max(x.reshape(batch, height // 2, 2, width // 2, 2, channels), axis=(2, 4))
 
 
 class ConvEncoder(nnx.Module):
@@ -117,6 +174,7 @@ class ConvEncoder(nnx.Module):
         `DIGITS_BLOCKS` or `VGG19_BLOCKS`.
       pool_last_block: max-pool after the last block too. False for the
         paper's VGG features, which are taken before the last pool (sec. 4.3).
+      conv_implementation: `Conv2D`'s implementation (None: the backend's faster).
 
     Each pool halves H and W, so the grid is `image_size / 2**pools` per side.
     """
@@ -127,6 +185,7 @@ class ConvEncoder(nnx.Module):
         blocks: Sequence[Sequence[int]],
         *,
         pool_last_block: bool = True,
+        conv_implementation: str | None = None,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -148,7 +207,14 @@ class ConvEncoder(nnx.Module):
         for block in self.blocks:
             for out in block:
                 layers.append(
-                    Conv2D(channels, out, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                    Conv2D(
+                        channels,
+                        out,
+                        implementation=conv_implementation,
+                        dtype=dtype,
+                        param_dtype=param_dtype,
+                        rngs=rngs,
+                    )
                 )
                 channels = out
         self.layers = nnx.List(layers)

@@ -328,7 +328,8 @@ def test_wrong_type_on_the_command_line_is_named():
 def test_hard_attention_variant_and_its_settings_are_checked():
     hard = load("digits_spatial.py").get_config("hard,tiny")
     assert hard.model.attention == "hard" and hard.train.attention_penalty == 0.0
-    assert (hard.train.reward_weight, hard.train.baseline_decay) == (1.0, 0.9)
+    assert (hard.train.reward_weight, hard.train.entropy_weight) == (0.1, 0.002)
+    assert hard.train.baseline_decay == 0.9
     validate(hard)
     for key, value, message in (
         ("reward_weight", -1.0, "config.train.reward_weight must be >= 0"),

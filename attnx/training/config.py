@@ -63,9 +63,10 @@ def base_config() -> ml_collections.ConfigDict:
         label_smoothing=0.0,
         attention_penalty=0.0,
         # Hard attention's REINFORCE (Xu et al. 2015, eq. 12): lambda_r, lambda_e
-        # and the baseline's moving-average decay (the paper's 0.9).
-        reward_weight=1.0,
-        entropy_weight=0.01,
+        # (the authors' code's 1/10 and 0.002; the paper gives none) and the
+        # baseline's moving-average decay (the paper's 0.9).
+        reward_weight=0.1,
+        entropy_weight=0.002,
         baseline_decay=0.9,
         plateau_factor=0.1,
         plateau_patience=0,

@@ -91,8 +91,8 @@ def forward(
 class HardAttention:
     """REINFORCE settings of hard attention (eq. 12): config.train's reward, entropy, decay."""
 
-    reward_weight: float = 1.0
-    entropy_weight: float = 0.01
+    reward_weight: float = 0.1
+    entropy_weight: float = 0.002
     baseline_decay: float = 0.9
 
 

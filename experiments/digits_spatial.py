@@ -35,7 +35,11 @@ CPU smoke run:
 
   python -m attnx.main --config=experiments/digits_spatial.py:hard,tiny --workdir=/tmp/digits_tiny
 
-Expected: see README results table.
+Expected (measured on 2 CPU cores, 2026-11-30): soft attention at step 4000
+exact match 0.676, BLEU-4 68.2 (BLEU-1 96.7), token accuracy 0.909 on 512
+validation canvases (beam 4); 74 min with the cores shared with other runs.
+`hard` has been run to step 800 only so far: exact match 0.186, BLEU-4 22.6
+(soft attention at step 1000: 0.342, 37.1).
 """
 
 import ml_collections

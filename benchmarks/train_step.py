@@ -183,13 +183,7 @@ def time_model(name: str, args: argparse.Namespace, machine_load) -> dict:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     param_count = int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
     optimizer = optax.adam(1e-3)
-    state = steps.TrainState(
-        step=jnp.zeros([], jnp.int32),
-        params=params,
-        opt_state=optimizer.init(params),
-        rng=jax.random.key_data(jax.random.key(args.seed + 2)),
-        baseline=jnp.zeros([], jnp.float32),
-    )
+    state = steps.TrainState.create(params, optimizer, jax.random.key(args.seed + 2))
     train_step = jax.jit(
         steps.make_train_step(
             graphdef,

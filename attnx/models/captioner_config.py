@@ -11,7 +11,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from attnx.models.image_encoders import DIGITS_BLOCKS, VGG19_BLOCKS
+from attnx.models.image_encoders import CONV_IMPLEMENTATIONS, DIGITS_BLOCKS, VGG19_BLOCKS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,10 +89,10 @@ class CaptionerConfig:
             raise ValueError(
                 f"CaptionerConfig: dropout_rate must be in [0, 1), got {self.dropout_rate}"
             )
-        if self.conv_implementation not in (None, "xla", "patches"):
+        if self.conv_implementation not in (None, *CONV_IMPLEMENTATIONS):
             raise ValueError(
-                "CaptionerConfig: conv_implementation must be 'xla', 'patches' or None, "
-                f"got {self.conv_implementation!r}"
+                f"CaptionerConfig: conv_implementation must be one of {CONV_IMPLEMENTATIONS} "
+                f"or None, got {self.conv_implementation!r}"
             )
         if self.init_hidden_layers < 0:
             raise ValueError(

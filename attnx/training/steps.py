@@ -52,6 +52,19 @@ class TrainState:
     rng: Array
     baseline: Array
 
+    @classmethod
+    def create(
+        cls, params: Any, optimizer: optax.GradientTransformation, key: Array
+    ) -> "TrainState":
+        """The state before the first step: step 0, fresh optimizer state, baseline 0."""
+        return cls(
+            step=jnp.zeros([], jnp.int32),
+            params=params,
+            opt_state=optimizer.init(params),
+            rng=jax.random.key_data(key),
+            baseline=jnp.zeros([], jnp.float32),
+        )
+
 
 def shift_right(targets: Array, segmentation: Array | None = None) -> Array:
     """Decoder inputs for teacher forcing: bos, then the targets shifted by one.

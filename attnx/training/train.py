@@ -13,7 +13,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -172,13 +171,7 @@ def train_and_evaluate(
         params = jax.lax.with_sharding_constraint(
             nnx.split(create_model(), nnx.Param, ...)[1], param_shardings
         )
-        return steps.TrainState(
-            step=jnp.zeros([], jnp.int32),
-            params=params,
-            opt_state=optimizer.init(params),
-            rng=jax.random.key_data(jax.random.key(seed + 2)),
-            baseline=jnp.zeros([], jnp.float32),
-        )
+        return steps.TrainState.create(params, optimizer, jax.random.key(seed + 2))
 
     with jax.set_mesh(mesh):
         state = init_state()

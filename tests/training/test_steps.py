@@ -41,12 +41,8 @@ def split_model(**overrides):
 
 
 def state_of(params, optimizer, baseline=BASELINE):
-    return steps.TrainState(
-        step=jnp.asarray(3, jnp.int32),
-        params=params,
-        opt_state=optimizer.init(params),
-        rng=jax.random.key_data(jax.random.key(7)),
-        baseline=jnp.asarray(baseline, jnp.float32),
+    return steps.TrainState.create(params, optimizer, jax.random.key(7)).replace(
+        step=jnp.asarray(3, jnp.int32), baseline=jnp.asarray(baseline, jnp.float32)
     )
 
 

@@ -1,29 +1,35 @@
 r"""The attnx entry point.
 
   python -m attnx.main --config=experiments/NAME.py[:ARG] --workdir=DIR \
-      [--config.any.key=value ...] [--mode=train|eval|decode|visualize|summary]
+      [--config.any.key=value ...] [--mode=train|eval|decode|visualize|summary] [-v 1]
 
 (also installed as the console script `attnx`). `train` trains and evaluates,
-resuming from DIR's newest checkpoint; `summary` prints the parameter table
-without touching data. Multi-host: pass --distributed (or set
-ATTNX_DISTRIBUTED=1) to call `jax.distributed.initialize()` first; on TPU VMs
-and SLURM it finds the coordinator itself, elsewhere give --coordinator_address,
---num_processes and --process_id.
+resuming from DIR's newest whole checkpoint; `eval`, `decode` and `visualize`
+read the trained run and write only under DIR/<mode>/ (`read_modes.py`);
+`summary` prints the parameter table without touching data. Paths are
+resolved once, against the directory the command starts in. A mistake on the
+command line, in the workdir or with a checkpoint save ends the run with one
+line, `FATAL ...`, naming it. Logs hold attnx's own lines and the warnings of
+the libraries under it; `--verbosity=1` (`-v 1`) shows everything.
+
+Multi-host: pass --distributed (or set ATTNX_DISTRIBUTED=1) to call
+`jax.distributed.initialize()` first; on TPU VMs and SLURM it finds the
+coordinator itself, elsewhere give --coordinator_address, --num_processes and
+--process_id.
 """
 
 import os
-import re
-import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
+from attnx import cli
+
 FLAGS = flags.FLAGS
+MODES = ("train", "eval", "decode", "visualize", "summary")
 config_flags.DEFINE_config_file("config", None, "Experiment file: experiments/NAME.py[:ARG].")
-flags.DEFINE_string("workdir", None, "Where checkpoints, logs and plots go.")
-flags.DEFINE_enum(
-    "mode", "train", ["train", "eval", "decode", "visualize", "summary"], "What to do."
-)
+flags.DEFINE_string("workdir", None, "Where checkpoints, logs and plots go (any path; resolved).")
+flags.DEFINE_enum("mode", "train", MODES, "What to do.")
 flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() (multi-host); or ATTNX_DISTRIBUTED=1."
 )
@@ -32,88 +38,84 @@ flags.DEFINE_string(
 )
 flags.DEFINE_integer("num_processes", None, "Number of processes, with --coordinator_address.")
 flags.DEFINE_integer("process_id", None, "This process's index, with --coordinator_address.")
-flags.mark_flags_as_required(["config"])
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with an unknown --config.* key reported in one line.
+def _summary(config, workdir: str | None) -> None:
+    from attnx.data import tokenizers
+    from attnx.training.run import model_summary
 
-    ml_collections raises an unknown key as an AttributeError from deep inside
-    flag parsing; a traceback would bury the key it names.
-    """
-    try:
-        return app.parse_flags_with_usage(argv)
-    except (AttributeError, KeyError) as error:
-        detail = error
-        while isinstance(detail, BaseException) and detail.args:
-            detail = detail.args[0]  # The KeyError inside the AttributeError.
-        message = " ".join(str(detail).split())
-        name = re.match(r"'([^']+)'", message)
-        offending = [
-            arg
-            for arg in argv[1:]
-            if arg.startswith("--config.") and name and name.group(1) in arg.split("=")[0]
-        ]
-        where = " ".join(offending) or "a --config.* flag"
-        sys.exit(f"FATAL Flags parsing error: {where}: no such config key {message}")
-
-
-def _summary(config) -> None:
-    from attnx.training.train import model_summary
-
-    vocab = config.task.get("vocab_size") or 256
+    vocab_file = os.path.join(workdir, "vocab", tokenizers.TOKENIZER_FILE) if workdir else None
+    if vocab_file and os.path.isfile(vocab_file):
+        vocab = tokenizers.load_tokenizer(os.path.dirname(vocab_file)).vocab_size
+        source = f"the run's vocabulary, {vocab_file}"
+    elif config.task.tokenizer == "byte":
+        vocab, source = tokenizers.ByteTokenizer().vocab_size, "the byte tokenizer"
+    elif config.task.get("vocab_size"):
+        vocab, source = config.task.vocab_size, "config.task.vocab_size"
+    else:
+        vocab = 256
+        source = (
+            "a placeholder: the character vocabulary comes from the training data; "
+            "pass the --workdir of a run to count its own"
+        )
     rows = model_summary(config, vocab)
     width = max(len(path) for path, _, _ in rows)
     print(f"{'parameter':<{width}}  {'shape':<22} {'size':>12}")
     for path, shape, size in rows:
         print(f"{path:<{width}}  {str(shape):<22} {size:>12,}")
-    print(f"total: {sum(size for _, _, size in rows):,} parameters (vocabulary {vocab})")
+    print(f"total: {sum(size for _, _, size in rows):,} parameters (vocabulary {vocab}: {source})")
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    del argv  # cli.parse_flags refused anything but flags.
+    from attnx.training import workdir as workdir_lib
+    from attnx.training.config import validate
+
+    mode = FLAGS.mode
+    config = FLAGS.config
     if FLAGS.distributed or os.environ.get("ATTNX_DISTRIBUTED") == "1":
         import jax
 
         # CPU devices of different processes exchange collectives through gloo
-        # (only the CPU client reads this; it must be set before the backend starts).
+        # (only the CPU client reads this; it must be set before the backend starts,
+        # which validate's device count does).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(
             FLAGS.coordinator_address,
             num_processes=FLAGS.num_processes,
             process_id=FLAGS.process_id,
         )
-
-    from attnx.training.config import validate
-
-    config = FLAGS.config
     try:
         validate(config)
+        workdir_lib.resolve_config_paths(config)
     except ValueError as error:
         # A config error is the user's to fix, not a crash: one line, no traceback.
-        sys.exit(f"FATAL Config error: {error}")
-    if FLAGS.mode == "summary":
-        _summary(config)
+        cli.fatal(f"Config error: {error}")
+    if mode == "summary":
+        workdir = FLAGS.workdir and workdir_lib.resolve(FLAGS.workdir, what="--workdir")
+        _summary(config, workdir)
         return
-    if not FLAGS.workdir:
-        raise app.UsageError(f"--workdir is required for --mode={FLAGS.mode}")
-    if "://" in FLAGS.workdir:
-        # os.makedirs('gs://b/run') would quietly make a local 'gs:' directory.
-        sys.exit(
-            f"FATAL --workdir={FLAGS.workdir}: attnx writes its workdir with ordinary file "
-            "I/O; mount the bucket (gcsfuse, BUILD.md) and pass the mounted path"
-        )
-    from attnx.training.train import train_and_evaluate
+    if FLAGS.workdir is None:
+        cli.fatal(f"--workdir is required for --mode={mode}")
+    # Every check on the workdir comes before any data is read or anything compiles.
+    workdir = workdir_lib.prepare_workdir(FLAGS.workdir, mode)
+    logging.debug("Config:\n%s", config)
+    if mode == "train":
+        from attnx.training.train import train_and_evaluate
 
-    logging.info("Config:\n%s", config)
-    results = train_and_evaluate(config, FLAGS.workdir, mode=FLAGS.mode)
-    logging.info("Final metrics: %s", results)
+        results = train_and_evaluate(config, workdir)
+    else:
+        from attnx.training.read_modes import read_run
+
+        results = read_run(config, workdir, mode)
+    final = {k: v for k, v in sorted(results.items()) if k.startswith("eval")}
+    if final:
+        logging.info("Done: %s", ", ".join(f"{k} {v:.4g}" for k, v in final.items()))
 
 
 def run() -> None:
     """Console-script entry point (`attnx`)."""
-    app.run(main, flags_parser=_parse_flags)
+    cli.run(main)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,22 @@ values); `product` and `zip_` build such lists:
 
 Every trial trains in `ROOT/<trial name>` (see `trial_name`), with the
 overrides of the sweep command line (`--config.k=v`, applied to every trial)
-and then its own. Before anything runs, every trial's config is built and
-validated, so a misspelt key or a wrong type stops the sweep at once.
+and then its own. Before anything runs, every trial's config is built,
+checked to survive its own command line and validated, so a misspelt key, a
+wrong type or a bad value stops the sweep at once. Every mistake of that kind
+(and of the flags) ends the sweep with one line on stderr, `FATAL ...`, naming
+the key, file or trial, and nothing written under ROOT.
 
   --run=local  runs the trials one after another, each in its own
                `python -m attnx.main` subprocess (isolated: its own JAX
-               runtime and memory), its output in `ROOT/<trial>/train.log`;
-               then writes `ROOT/results.md` and `ROOT/results.jsonl` with the
-               final value of every metric of every trial (the last value of
-               each key in the trial's `metrics.jsonl`).
+               runtime and memory), its output in `ROOT/<trial>/train.log`.
+               A trial that fails gets one line naming it, its exit status and
+               its cause (the last `FATAL` line of its log, else its last line);
+               the others still run. Then writes `ROOT/results.md` and
+               `ROOT/results.jsonl` with the final value of every metric of
+               every trial (the last value of each key in the trial's
+               `metrics.jsonl`) and exits with status 1 and one `FATAL` line
+               listing the failed trials, if any.
   --run=print  prints one command per trial that launches it on every worker
                of a TPU VM (`gcloud compute tpus tpu-vm ssh ... --worker=all`);
                ROOT is then a shared mount (gcsfuse), the same path on all workers.
@@ -29,25 +36,54 @@ validated, so a misspelt key or a wrong type stops the sweep at once.
   --run=results  only (re)writes the results table from the trials' metrics.
 """
 
-import copy
-import hashlib
-import importlib.util
-import itertools
 import json
 import os
-import re
-import shlex
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
-from ml_collections.config_flags import config_path
 
-Overrides = dict[str, Any]
+from attnx import cli
+from attnx.sweep_trials import (
+    Overrides,
+    SweepError,
+    check_trials,
+    format_value,
+    load_sweep,
+    override_flags,
+    product,
+    tpu_command,
+    trial_command,
+    trial_name,
+    zip_,
+)
+
+# What a trial is and whether it is valid lives in `attnx.sweep_trials`; its public
+# names are re-exported so that `from attnx.sweep import product, zip_` (experiment
+# files) and `sweep.trial_name` etc. keep working.
+__all__ = [
+    "Overrides",
+    "SweepError",
+    "check_trials",
+    "failure_cause",
+    "final_metrics",
+    "format_value",
+    "load_sweep",
+    "main",
+    "override_flags",
+    "product",
+    "run_local",
+    "tpu_command",
+    "trial_command",
+    "trial_name",
+    "write_results",
+    "zip_",
+]
 
 FLAGS = flags.FLAGS
 
@@ -69,201 +105,23 @@ def _define_flags() -> None:
     flags.mark_flags_as_required(["config", "workdir"])
 
 
-# Characters kept in trial names; anything else becomes '_'.
-_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]")
-# Longest trial name (a directory name; most file systems allow 255 bytes).
-_MAX_NAME = 120
-
-
-# --------------------------------------------------------------------------- trial lists
-
-
-def _axes(positional: Mapping[str, Sequence[Any]] | None, named: Mapping[str, Sequence[Any]]):
-    axes = {**(positional or {}), **named}
-    for key, values in axes.items():
-        if isinstance(values, str | bytes) or not isinstance(values, Sequence):
-            raise TypeError(
-                f"sweep axis {key!r} must be a list of values, got {type(values).__name__} "
-                f"{values!r}"
-            )
-        if not values:
-            raise ValueError(f"sweep axis {key!r} has no values")
-    return axes
-
-
-def product(
-    axes: Mapping[str, Sequence[Any]] | None = None, /, **more: Sequence[Any]
-) -> list[Overrides]:
-    """Every combination of the axes' values (the first axis varies slowest).
-
-    Axes are given as a dict (dotted keys are not Python names) or as keyword
-    arguments: `product({"train.learning_rate": [0.5, 1.0], "model.d_model": [64, 128]})`
-    gives 4 trials.
-    """
-    axes = _axes(axes, more)
-    keys = list(axes)
-    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*axes.values())]
-
-
-def zip_(
-    axes: Mapping[str, Sequence[Any]] | None = None, /, **more: Sequence[Any]
-) -> list[Overrides]:
-    """The i-th trial takes the i-th value of every axis; all axes must be equally long.
-
-    `zip_({"model.d_model": [64, 128], "model.d_ff": [256, 512]})` gives 2 trials.
-    """
-    axes = _axes(axes, more)
-    lengths = {key: len(values) for key, values in axes.items()}
-    if len(set(lengths.values())) > 1:
-        raise ValueError(f"zip_: the axes have different lengths {lengths}")
-    keys = list(axes)
-    return [dict(zip(keys, values, strict=True)) for values in zip(*axes.values(), strict=True)]
-
-
-# --------------------------------------------------------------------------- names and values
-
-
-def format_value(value: Any) -> str:
-    """A config value as `--config.k=VALUE` expects it (absl / ml_collections parsers)."""
-    if value is None:
-        raise ValueError("a sweep cannot set a config value to None from the command line")
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
-    if isinstance(value, list | tuple):
-        return repr(tuple(value))
-    return str(value)
-
-
-def _name_value(value: Any) -> str:
-    if isinstance(value, list | tuple):
-        return "x".join(_name_value(v) for v in value)
-    return format_value(value)
-
-
-def trial_name(overrides: Mapping[str, Any]) -> str:
-    """A readable, file-system-safe name: 'train.learning_rate=0.001,model.d_model=64'.
-
-    Characters other than letters, digits and `._=,+-` become '_'; a name
-    longer than 120 characters is cut and ends in a hash of the overrides, so
-    it stays unique. No overrides: 'default'.
-    """
-    if not overrides:
-        return "default"
-    text = ",".join(f"{key}={_name_value(value)}" for key, value in overrides.items())
-    name = _UNSAFE.sub("_", text)
-    if len(name) > _MAX_NAME:
-        digest = hashlib.sha256(text.encode()).hexdigest()[:10]
-        name = f"{name[: _MAX_NAME - 11]}-{digest}"
-    return name
-
-
-def override_flags(overrides: Mapping[str, Any]) -> list[str]:
-    """['--config.k=v', ...] of `overrides`."""
-    return [f"--config.{key}={format_value(value)}" for key, value in overrides.items()]
-
-
-# --------------------------------------------------------------------------- trials
-
-
-def load_sweep(config_arg: str) -> list[Overrides]:
-    """Calls `sweep(arg)` of the experiment file named by 'PATH[:ARG]'."""
-    path, _, arg = config_arg.partition(":")
-    spec = importlib.util.spec_from_file_location("attnx_experiment", path)
-    if spec is None or spec.loader is None:
-        raise ValueError(f"--config={config_arg}: cannot load {path!r} as a Python file")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "sweep"):
-        raise ValueError(
-            f"{path} defines no sweep(); add `def sweep(arg=None)` returning a list of overrides"
-        )
-    trials = module.sweep(arg or None)
-    if not isinstance(trials, list) or not trials:
-        raise ValueError(f"{path}: sweep({arg or None!r}) must return a non-empty list of dicts")
-    for trial in trials:
-        if not isinstance(trial, Mapping):
-            raise TypeError(f"{path}: sweep() returned {trial!r}; every trial must be a dict")
-    return [dict(trial) for trial in trials]
-
-
-def check_trials(config, trials: Sequence[Overrides], *, check_mesh: bool = True) -> list[str]:
-    """Builds and validates every trial's config; returns the trial names.
-
-    Raises ValueError / TypeError / KeyError naming the trial and the key when
-    an override names no field, has the wrong type or breaks `validate`, and
-    when two trials get the same name. `check_mesh=False` skips the check of
-    the mesh against this machine's devices (for trials launched elsewhere).
-    """
-    from attnx.training.config import validate
-
-    names = []
-    for overrides in trials:
-        name = trial_name(overrides)
-        trial_config = copy.deepcopy(config)
-        for key, value in overrides.items():
-            try:
-                config_path.set_value(key, trial_config, value)
-            except (AttributeError, KeyError) as error:
-                raise KeyError(f"trial {name}: config.{key} does not exist ({error})") from None
-            except TypeError as error:
-                raise TypeError(f"trial {name}: config.{key}={value!r}: {error}") from None
-        try:
-            validate(trial_config)
-        except ValueError as error:
-            # validate checks the mesh last, so skipping its error skips nothing else.
-            device_error = str(error).startswith("config.mesh") and "devices" in str(error)
-            if check_mesh or not device_error:
-                raise ValueError(f"trial {name}: {error}") from None
-        if name in names:
-            raise ValueError(f"two trials have the same name {name!r}; make their overrides differ")
-        names.append(name)
-    return names
-
-
-def trial_command(config_arg: str, workdir: str, overrides: Mapping[str, Any]) -> list[str]:
-    """The argv of `python -m attnx.main` for one trial."""
-    return [
-        "python",
-        "-m",
-        "attnx.main",
-        f"--config={config_arg}",
-        f"--workdir={workdir}",
-        *override_flags(overrides),
-    ]
-
-
-def tpu_command(
-    main_argv: Sequence[str],
-    tpu_name: str,
-    zone: str | None,
-    remote_dir: str = "attnx",
-) -> str:
-    """One shell line that runs `main_argv` in `remote_dir` on every worker of a TPU VM."""
-    remote = f"cd {shlex.quote(remote_dir)} && {shlex.join(main_argv)}"
-    argv = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu_name]
-    if zone:
-        argv.append(f"--zone={zone}")
-    argv += ["--worker=all", f"--command={remote}"]
-    return shlex.join(argv)
-
-
-def _join(root: str, name: str) -> str:
-    # ROOT is a path on the TPU VM's workers, which are POSIX machines.
-    return f"{root.rstrip('/')}/{name}"
-
-
 # --------------------------------------------------------------------------- results
 
 
-def final_metrics(workdir: str) -> dict[str, float]:
-    """The last value of every key in `workdir/metrics.jsonl` ('step': the last step)."""
+def final_metrics(workdir: str) -> dict[str, Any]:
+    """The last value of every key in `workdir/metrics.jsonl` ('step': the last step).
+
+    Only the training run's own rows count: a row with a "mode" key came from
+    a read-only mode (`eval`, `decode`, `visualize`) of an older attnx, which
+    wrote into the training record (today they write `workdir/<mode>/`), and
+    would otherwise pass for the training run's final evaluation. Lines cut
+    short by a killed run and rows that are not JSON objects are skipped.
+    """
     path = os.path.join(workdir, "metrics.jsonl")
-    final: dict[str, float] = {}
+    final: dict[str, Any] = {}
     if not os.path.exists(path):
         return final
-    with open(path) as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in f:
             line = line.strip()
             if not line:
@@ -272,6 +130,8 @@ def final_metrics(workdir: str) -> dict[str, float]:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut short by a killed run
+            if not isinstance(record, dict) or "mode" in record:
+                continue
             final.update(record)
     return final
 
@@ -287,9 +147,11 @@ def _cell(value: Any) -> str:
 def write_results(root: str, rows: Sequence[Mapping[str, Any]]) -> str:
     """Writes ROOT/results.jsonl (one object per trial) and ROOT/results.md (a table).
 
-    Each row has 'trial', 'overrides', 'status', 'seconds' and 'metrics'.
+    Each row has 'trial', 'overrides', 'status', 'seconds' and 'metrics', and
+    may have 'cause' and 'log' (a failed trial's reason and log file).
     Table columns: trial, status, the swept keys, step, then every metric
-    (eval/ before train/). Returns the Markdown text.
+    (eval/ before train/); failed trials' causes follow the table. Returns the
+    Markdown text.
     """
     os.makedirs(root, exist_ok=True)
     with open(os.path.join(root, "results.jsonl"), "w") as f:
@@ -314,6 +176,10 @@ def write_results(root: str, rows: Sequence[Mapping[str, Any]]) -> str:
         cells.append(_cell(row["metrics"].get("step")))
         cells += [_cell(row["metrics"].get(key)) for key in metric_keys]
         lines.append("| " + " | ".join(cells) + " |")
+    causes = [row for row in rows if row.get("cause")]
+    if causes:
+        lines.append("")
+        lines += [f"- {row['trial']}: {row['cause']} ({row.get('log')})" for row in causes]
     text = "\n".join(lines) + "\n"
     with open(os.path.join(root, "results.md"), "w") as f:
         f.write(text)
@@ -321,6 +187,56 @@ def write_results(root: str, rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 # --------------------------------------------------------------------------- runs
+
+# A failure's cause in one line: long enough for a FATAL message, short enough to read.
+_MAX_CAUSE = 300
+
+
+def failure_cause(log_path: str, offset: int = 0) -> str:
+    """Why a trial failed, from its log from byte `offset` on (this run's part).
+
+    The last line starting with `FATAL` (attnx's one-line errors), else the
+    last non-empty line (an exception's last traceback line), cut to 300
+    characters.
+    """
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError as error:
+        return f"no log ({error.strerror})"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    fatal = [line for line in lines if line.startswith("FATAL")]
+    cause = (fatal or lines or ["no output"])[-1]
+    return cause if len(cause) <= _MAX_CAUSE else cause[: _MAX_CAUSE - 3] + "..."
+
+
+def _exit_status(code: int) -> str:
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit {code}"
+
+
+def _wait(process: subprocess.Popen) -> tuple[int, bool]:
+    """The trial's exit code, and whether the user pressed Ctrl-C meanwhile.
+
+    Ctrl-C in a terminal reaches the trial too (same process group), so the
+    first one waits for it to stop by itself; a second sends SIGTERM (the
+    trial saves a checkpoint and exits), a third kills it.
+    """
+    presses = 0
+    while True:
+        try:
+            return process.wait(), presses > 0
+        except KeyboardInterrupt:
+            presses += 1
+            if presses == 2:
+                process.terminate()
+            elif presses > 2:
+                process.kill()
 
 
 def run_local(
@@ -334,6 +250,9 @@ def run_local(
 
     `own_overrides` are each trial's own (they label the results table),
     `commands` what its command line sets (the sweep's common overrides too).
+    A failed trial gets one line (name, exit status, seconds, cause, log) and
+    the next trial runs; Ctrl-C stops the sweep after the current trial, whose
+    row then has the status 'interrupted' and is the last one.
     """
     rows = []
     for index, name in enumerate(names):
@@ -341,72 +260,122 @@ def run_local(
         os.makedirs(workdir, exist_ok=True)
         argv = trial_command(config_file, workdir, commands[index])
         argv[0] = sys.executable  # the interpreter running the sweep
+        log_path = os.path.join(workdir, "train.log")
         print(f"[{index + 1}/{len(names)}] {name}", flush=True)
         start = time.time()
-        with open(os.path.join(workdir, "train.log"), "ab") as log:
-            code = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT)
+        with open(log_path, "ab") as log:
+            # The log grows across reruns; this run's cause is after this offset.
+            offset = log.tell()
+            process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+            code, interrupted = _wait(process)
         seconds = round(time.time() - start, 1)
-        status = "ok" if code == 0 else f"failed (exit {code})"
-        print(f"    {status} in {seconds} s (log: {workdir}/train.log)", flush=True)
+        cause = None
+        if interrupted:
+            status = "interrupted"
+            print(f"    interrupted {name} after {seconds} s (log: {log_path})", flush=True)
+        elif code == 0:
+            status = "ok"
+            print(f"    ok in {seconds} s (log: {log_path})", flush=True)
+        else:
+            status = f"failed ({_exit_status(code)})"
+            cause = failure_cause(log_path, offset)
+            print(
+                f"    FAILED {name}: {_exit_status(code)} after {seconds} s: {cause} "
+                f"(log: {log_path})",
+                flush=True,
+            )
         rows.append(
             dict(
                 trial=name,
                 overrides=own_overrides[index],
                 status=status,
                 seconds=seconds,
+                cause=cause,
+                log=log_path,
                 metrics=final_metrics(workdir),
             )
         )
+        if interrupted:
+            break
     return rows
 
 
+def _join(root: str, name: str) -> str:
+    # ROOT is a path on the TPU VM's workers, which are POSIX machines.
+    return f"{root.rstrip('/')}/{name}"
+
+
+def _check_flags(root: str) -> None:
+    """The flag mistakes that need no experiment: one FATAL line, nothing written."""
+    if not root:
+        cli.fatal("--workdir is empty: give ROOT, the directory that holds the trials")
+    if "://" in root:
+        cli.fatal(
+            f"--workdir={root}: trials write their workdirs with ordinary file I/O; "
+            "mount the bucket (gcsfuse, BUILD.md) and pass the mounted path"
+        )
+    if os.path.exists(root) and not os.path.isdir(root):
+        cli.fatal(f"--workdir={root} is a file, not a directory")
+    if FLAGS.run == "results" and not os.path.isdir(root):
+        cli.fatal(f"--run=results: --workdir={root} does not exist; nothing ran there")
+    if FLAGS.run == "print" and not FLAGS.tpu_name:
+        cli.fatal("--run=print needs --tpu_name (and usually --zone)")
+
+
 def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    del argv  # cli.parse_flags refused arguments that are not flags
     # 'experiments/NAME.py[:ARG]' as given; FLAGS.config is its config with the
     # command line's overrides applied (a bad key or type failed already).
     config_file = config_flags.get_config_filename(FLAGS["config"])
     common = dict(config_flags.get_override_values(FLAGS["config"]))
+    root = FLAGS.workdir
+    _check_flags(root)
     own_overrides = load_sweep(config_file)
-    # Printed trials run on the TPU VM's devices, not on this machine's.
-    names = check_trials(FLAGS.config, own_overrides, check_mesh=FLAGS.run != "print")
+    try:
+        # Printed trials run on the TPU VM's devices, not on this machine's.
+        names = check_trials(FLAGS.config, own_overrides, check_mesh=FLAGS.run != "print")
+    except SweepError as error:
+        cli.fatal(f"--config={config_file}: {error}")
     # The sweep command line's overrides apply to every trial; a trial's own win.
     commands = [{**common, **own} for own in own_overrides]
-    root = FLAGS.workdir
-    if "://" in root:
-        raise app.UsageError(
-            f"--workdir={root}: trials write their workdirs with ordinary file I/O; "
-            "mount the bucket (gcsfuse, BUILD.md) and pass the mounted path"
-        )
 
     if FLAGS.run == "print":
-        if not FLAGS.tpu_name:
-            raise app.UsageError("--run=print needs --tpu_name (and usually --zone)")
         for name, overrides in zip(names, commands, strict=True):
             command = trial_command(config_file, _join(root, name), overrides)
             if FLAGS.distributed:
                 command.append("--distributed")
             print(tpu_command(command, FLAGS.tpu_name, FLAGS.zone, FLAGS.remote_dir))
         return
-    if FLAGS.run == "results":
-        rows = [
-            dict(
-                trial=name,
-                overrides=own,
-                status="",
-                seconds=None,
-                metrics=final_metrics(os.path.join(root, name)),
-            )
-            for name, own in zip(names, own_overrides, strict=True)
-        ]
-    else:
-        rows = run_local(config_file, root, names, own_overrides, commands)
-    print(write_results(root, rows), end="")
-    failed = [row["trial"] for row in rows if row["status"].startswith("failed")]
+    try:
+        if FLAGS.run == "results":
+            rows = [
+                dict(
+                    trial=name,
+                    overrides=own,
+                    status="",
+                    seconds=None,
+                    metrics=final_metrics(os.path.join(root, name)),
+                )
+                for name, own in zip(names, own_overrides, strict=True)
+            ]
+        else:
+            rows = run_local(config_file, root, names, own_overrides, commands)
+        print(write_results(root, rows), end="", flush=True)
+    except OSError as error:
+        # A full disk or a directory the user may not write: the path says which.
+        cli.fatal(f"--workdir={root}: {error}")
+    if rows and rows[-1]["status"] == "interrupted":
+        done = len(rows) - 1
+        cli.fatal(
+            f"interrupted during trial {rows[-1]['trial']} ({done} of {len(names)} trials "
+            "done); run the same command again to resume it from its checkpoint"
+        )
+    failed = [row for row in rows if row["status"].startswith("failed")]
     if failed:
-        raise SystemExit(f"{len(failed)} of {len(rows)} trials failed: {failed}")
+        causes = "; ".join(f"{row['trial']} ({row['cause']})" for row in failed)
+        cli.fatal(f"{len(failed)} of {len(rows)} trials failed: {causes}")
 
 
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    cli.run(main)

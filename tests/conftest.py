@@ -2,9 +2,21 @@
 
 XLA reads the flag once, when the backend starts, so it must be set before
 anything imports jax.
+
+The end-to-end tests run `python -m attnx.main` in subprocesses; most of
+their time is XLA compiling the same tiny models again. They share one
+persistent compilation cache, made for this test run and removed after it
+(compiled programs are the same with or without it, so no check is lost).
+The bundled `dates` data is prepared once per run and shared by the test
+files and xdist workers that need it (`dates_data_dir`).
 """
 
+import fcntl
 import os
+import shutil
+import tempfile
+
+import pytest
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -14,3 +26,29 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+# Set after jax is imported, so only the subprocesses (which inherit it) use the cache.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+COMPILATION_CACHE = os.path.join(tempfile.gettempdir(), f"attnx-tests-{_RUN}", "jax-cache")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", COMPILATION_CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # The controller, after every worker.
+        shutil.rmtree(os.path.dirname(COMPILATION_CACHE), ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def dates_data_dir() -> str:
+    """The bundled `dates` task, prepared once for the whole test run."""
+    from attnx.data import prepare
+
+    shared = os.path.join(tempfile.gettempdir(), f"attnx-tests-{_RUN}")
+    os.makedirs(shared, exist_ok=True)
+    directory = os.path.join(shared, "tfds")
+    with open(os.path.join(shared, "tfds.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # One xdist worker prepares; the others wait.
+        prepare.prepare("dates", directory)
+    return directory

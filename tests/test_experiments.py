@@ -1,8 +1,8 @@
 """Every experiment file builds a valid config and model config; config errors name the key.
 
 No data, no compilation: configs are checked with `validate` and
-`make_model_config`, and the command-line errors in `attnx.main` subprocesses
-that stop before anything is built.
+`make_model_config`, and `--mode=summary` in an `attnx.main` subprocess (the
+command line's errors are in test_command_line.py).
 """
 
 import dataclasses
@@ -280,49 +280,6 @@ def test_summary_prints_the_parameter_table_without_data(tmp_path):
     assert lines[-1].startswith("total:")
     assert total == sum(int(row[-1].replace(",", "")) for row in rows) > 0
     assert not any(tmp_path.iterdir()), "summary wrote into the workdir"
-
-
-def test_unknown_key_on_the_command_line_is_named():
-    result = run_main(
-        "--config=experiments/dates_transformer.py:tiny",
-        "--config.train.stepz=3",
-        "--mode=summary",
-    )
-    assert result.returncode != 0
-    # One line naming the flag and the nearest key, not a traceback.
-    assert "--config.train.stepz=3: no such config key 'stepz'" in result.stderr
-    assert 'Did you mean "steps"' in result.stderr
-    assert "Traceback" not in result.stderr
-    assert "parameter" not in result.stdout
-
-
-def test_a_bucket_url_as_workdir_is_refused_with_advice(tmp_path):
-    result = run_main("--config=experiments/dates_transformer.py:tiny", "--workdir=gs://bucket/run")
-    assert result.returncode != 0
-    assert "--workdir=gs://bucket/run" in result.stderr and "gcsfuse" in result.stderr
-    assert not pathlib.Path(ROOT, "gs:").exists()
-
-
-def test_config_error_on_the_command_line_is_one_line():
-    result = run_main(
-        "--config=experiments/dates_transformer.py:tiny",
-        "--config.mesh.data=3",
-        "--mode=summary",
-    )
-    assert result.returncode != 0
-    assert "FATAL Config error: config.mesh" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
-def test_wrong_type_on_the_command_line_is_named():
-    result = run_main(
-        "--config=experiments/dates_transformer.py:tiny",
-        "--config.train.steps=abc",
-        "--mode=summary",
-    )
-    assert result.returncode != 0
-    assert "config.train.steps" in result.stderr and "abc" in result.stderr
-    assert "parameter" not in result.stdout
 
 
 def test_hard_attention_variant_and_its_settings_are_checked():

@@ -68,6 +68,37 @@ class Tokenizer(abc.ABC):
             content.append(int(token))
         return self._decode_content(content)
 
+    def unknown_characters(self, text: str) -> list[str]:
+        """The distinct characters of `text` that this vocabulary cannot represent.
+
+        A character is unknown when encoding it on its own yields the unk id
+        (`UNK_ID` = 3): the model then reads `<unk>` in its place and cannot
+        copy it to its output. Characters that the tokenizer's normalisation
+        maps to known ones, or drops (SentencePiece's NFKC and whitespace
+        handling), are not unknown.
+
+        Args:
+          text: any text, e.g. a source sentence about to be encoded.
+
+        Returns:
+          Each unknown character once, in order of first appearance in `text`;
+          [] when the whole text is representable.
+        """
+        # The per-character answers never change for a given vocabulary; caching
+        # them makes scanning a whole evaluation split cost one encode per
+        # distinct character instead of one per character occurrence.
+        cache: dict[str, bool] | None = getattr(self, "_unknown_cache", None)
+        if cache is None:
+            cache = self._unknown_cache = {}
+        unknown = []
+        for character in dict.fromkeys(text):  # distinct, in order of first appearance
+            is_unknown = cache.get(character)
+            if is_unknown is None:
+                is_unknown = cache[character] = bool(np.any(self.encode(character) == UNK_ID))
+            if is_unknown:
+                unknown.append(character)
+        return unknown
+
     @abc.abstractmethod
     def _metadata(self) -> dict:
         """The JSON-serialisable description written to `tokenizer.json`."""
@@ -126,6 +157,10 @@ class CharacterTokenizer(Tokenizer):
     def encode(self, text: str) -> np.ndarray:
         return np.fromiter((self._ids.get(c, UNK_ID) for c in text), np.int32, len(text))
 
+    def unknown_characters(self, text: str) -> list[str]:
+        # Exactly the characters without an id: no need to encode anything.
+        return [c for c in dict.fromkeys(text) if c not in self._ids]
+
     def _decode_content(self, ids: list[int]) -> str:
         # An unknown character decodes to U+FFFD, the Unicode replacement character.
         return "".join(
@@ -148,6 +183,10 @@ class ByteTokenizer(Tokenizer):
 
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + NUM_SPECIALS
+
+    def unknown_characters(self, text: str) -> list[str]:
+        # Every character has a UTF-8 encoding, and every byte an id.
+        return []
 
     def _decode_content(self, ids: list[int]) -> str:
         data = bytes(i - NUM_SPECIALS for i in ids if NUM_SPECIALS <= i < self.vocab_size)

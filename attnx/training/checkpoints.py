@@ -13,160 +13,108 @@ A checkpoint is one directory per step, `DIR/<step>/`, holding three items:
   meta    JSON: step, attnx version, a hash of the experiment config, and the
           number of processes that wrote the checkpoint.
 
+and a checksum manifest of all its files (`checkpoint_integrity.py`).
+
 Retention keeps the union of the last `keep` checkpoints and the best
-`keep_best` by a metric (Orbax `LatestN` or `BestN` preservation policies).
+`keep_best` by a metric (Orbax `LatestN` or `BestN` preservation policies);
+older steps are deleted by that policy, which the config sets.
 
-Orbax commits a step atomically: it writes into `<step>.orbax-checkpoint-tmp-*`,
-drops a `commit_success.txt` marker in it, then renames it to `<step>`. A run
-killed mid-save leaves the temporary directory behind; a disk or copy error can
-leave a committed directory with missing or truncated files. `restore` checks
-the newest step first, moves anything broken aside as `<step>.corrupt-<time>`
-(never deleting it), logs why, and falls back to the newest good step.
+Orbax commits a step atomically: it writes into `<step>.orbax-checkpoint-tmp`,
+and attnx's finalize writes the manifest, then Orbax drops a
+`commit_success.txt` marker in it and renames it to `<step>`. A run killed
+mid-save leaves the temporary directory behind. `restore` moves such leftovers
+aside as `<step>.corrupt-<time>` (never deleting them), checks the newest step
+against its manifest, moves it aside too if a file is missing, truncated or
+fails its checksum (naming the file), and falls back to the newest whole step.
+Whether a step is broken is decided from its files only: a restore that fails
+on a whole step is raised as the error it is, and nothing is moved.
 
-Preemption: `install_sigterm_handler()` turns SIGTERM into a flag that the loop
-polls with `should_stop(step)`; the loop then saves with `force=True`, calls
-`close()` (which waits for the asynchronous save) and exits normally.
+A save that fails (a full disk, a permission) stops the run: `poll`, `save`,
+`wait` and `close` raise `CheckpointSaveError` naming the step, the path and
+the cause, once the save in flight has ended. A read-only `Checkpointer`
+(`read_only=True`, for eval/decode/visualize beside a live training run)
+saves nothing and moves nothing: it skips what is unfinished or broken.
+
+Preemption: `install_sigterm_handler()` turns SIGTERM (and a first Ctrl-C) into
+a flag that the loop polls with `should_stop(step)`; the loop then saves with
+`force=True`, calls `close()` (which waits for the asynchronous save) and exits
+normally.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
-import hashlib
-import importlib.metadata
-import json
-import signal
-import threading
+import logging as python_logging
+import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
+
+from attnx.training import checkpoint_integrity as integrity
+from attnx.training.checkpoint_items import (
+    ProcessJsonRestore,
+    ProcessJsonSave,
+    abstract_target,
+    attnx_version,
+    check_target,
+)
+from attnx.training.errors import RunError
+from attnx.training.multihost import all_agree, sync
+from attnx.training.preemption import StopRequests
 
 STATE, DATA, META = "state", "data", "meta"
 ITEMS = (STATE, DATA, META)
-# Orbax writes this marker into a step directory (and each item directory)
-# before committing it, on local disks and on object stores alike.
-COMMIT_MARKER = "commit_success.txt"
+COMMIT_MARKER = integrity.COMMIT_MARKER
 TMP_MARKER = ".orbax-checkpoint-tmp"
 CORRUPT_MARKER = ".corrupt-"
 
 
-# --- per-process JSON item (data iterator positions) -------------------------------------------
+class _WithoutTrackedMetricWarning(python_logging.Filter):
+    """Drops two Orbax warnings about what attnx does on purpose.
+
+    A save without the best-by metric: attnx saves between evaluations; BestN
+    ranks the steps that carry the metric and keeps the others while they are
+    among the latest. A read-only directory: the read-only modes open it so.
+    """
+
+    EXPECTED = ("did not provide metrics", "Given directory is read only")
+
+    def filter(self, record: python_logging.LogRecord) -> bool:
+        return not any(text in str(record.msg) for text in self.EXPECTED)
 
 
-class ProcessJsonHandler(ocp.CheckpointHandler):
-    """Each process saves and restores its own JSON dict: `process_<i>-of-<n>.json`."""
-
-    def save(self, directory: epath.Path, args: ProcessJsonSave) -> None:
-        directory = epath.Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / _process_file_name()).write_text(json.dumps(args.state))
-
-    def restore(self, directory: epath.Path, args: ProcessJsonRestore | None = None) -> Any:
-        """This process's dict, or None when another number of processes wrote it."""
-        path = epath.Path(directory) / _process_file_name()
-        if path.exists():
-            return json.loads(path.read_text())
-        written = sorted(p.name for p in epath.Path(directory).glob("process_*.json"))
-        if not written:
-            raise FileNotFoundError(f"no per-process JSON files in {directory}")
-        # Another process count's positions mean nothing to this process's
-        # iterator; the caller repositions the data by the step instead.
-        logging.warning(
-            "checkpoint: the data iterator state in %s was written by other processes (%s); "
-            "this run has %d processes.",
-            directory,
-            written[0],
-            jax.process_count(),
-        )
-        return None
-
-
-@ocp.args.register_with_handler(ProcessJsonHandler, for_save=True)
-@dataclasses.dataclass
-class ProcessJsonSave(ocp.args.CheckpointArgs):
-    state: Mapping[str, Any]
-
-
-@ocp.args.register_with_handler(ProcessJsonHandler, for_restore=True)
-@dataclasses.dataclass
-class ProcessJsonRestore(ocp.args.CheckpointArgs):
-    pass
-
-
-def _process_file_name() -> str:
-    return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-
-
-# --- helpers -------------------------------------------------------------------------------------
-
-
-def config_hash(config: Any) -> str:
-    """A short, stable hash of an experiment config (ConfigDict or mapping)."""
-    as_dict = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    text = json.dumps(as_dict, sort_keys=True, default=repr)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _attnx_version() -> str:
-    try:
-        return importlib.metadata.version("attnx")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def _path_name(path: tuple[Any, ...]) -> str:
-    """Orbax's name for a pytree leaf: its keys joined by dots (`opt_state.0.mu.w`)."""
-    parts = []
-    for key in path:
-        for field in ("key", "name", "idx"):
-            if hasattr(key, field):
-                parts.append(str(getattr(key, field)))
-                break
-        else:
-            parts.append(str(key))
-    return ".".join(parts)
-
-
-def _abstract(leaf: Any) -> jax.ShapeDtypeStruct:
-    """The restore target of one leaf: shape, dtype and the sharding to place it on."""
-    sharding = getattr(leaf, "sharding", None)
-    if sharding is None:
-        raise ValueError(
-            f"restore: every target leaf needs a sharding (got {leaf!r}); pass jax.Arrays or "
-            "jax.ShapeDtypeStruct(shape, dtype, sharding=...)"
-        )
-    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-
-
-def _stored_shape_dtype(leaf: jax.ShapeDtypeStruct) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype as Orbax stores the leaf (typed PRNG keys are stored as key data)."""
-    if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-        data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
-        return tuple(data.shape), np.dtype(data.dtype)
-    return tuple(leaf.shape), np.dtype(leaf.dtype)
-
-
-def _agree(ok: bool) -> bool:
-    """True only if `ok` holds on every process (so all processes take the same branch)."""
-    if jax.process_count() == 1:
-        return ok
-    flags = multihost_utils.process_allgather(np.asarray(ok, np.int32))
-    return bool(np.all(flags))
-
-
-def _sync(name: str) -> None:
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
+def _quiet_tracked_metric_warning() -> None:
+    logger = python_logging.getLogger("absl")
+    if not any(isinstance(f, _WithoutTrackedMetricWarning) for f in logger.filters):
+        logger.addFilter(_WithoutTrackedMetricWarning())
 
 
 class CorruptCheckpointError(RuntimeError):
-    """A step directory that cannot be restored (half-written, truncated, missing files)."""
+    """A step directory whose files are broken (missing, truncated, failing their checksums)."""
+
+
+class CheckpointSaveError(RunError):
+    """A checkpoint save that did not commit (the run must stop: nothing would be saved)."""
+
+
+def _cause(error: BaseException) -> str:
+    """The cause of a failed save or restore in one line, the operating system's reason first.
+
+    TensorStore's messages run to kilobytes, with the reason (`File too large`,
+    `No space left on device`) deep inside as `os_error_code='27'`.
+    """
+    message = " ".join(str(error).split())
+    code = getattr(error, "errno", None)
+    if not isinstance(code, int):
+        found = re.search(r"os_error_code='?(\d+)", message)
+        code = int(found.group(1)) if found else None
+    reason = f"{os.strerror(code)} (errno {code}); " if code else ""
+    return f"{reason}{type(error).__name__}: {message[:400]}"
 
 
 # --- the checkpointer ----------------------------------------------------------------------------
@@ -176,7 +124,7 @@ class Checkpointer:
     """Saves and restores TrainState + data iterator state with Orbax.
 
     Args:
-      directory: where step directories go (created if missing).
+      directory: where step directories go (created if missing, unless read-only).
       keep: how many of the latest checkpoints to keep (>= 1).
       best_metric: a key of the `metrics` passed to `save` (e.g. 'eval/bleu'); with it the
         best `keep_best` checkpoints by that metric are kept too. None: keep only the latest.
@@ -187,6 +135,8 @@ class Checkpointer:
       async_save: write in a background thread; `save` returns once the arrays are copied
         off the devices.
       config_hash: stored in each checkpoint's meta; a restore under another hash warns.
+      read_only: for the modes that read a run (possibly beside its live training):
+        `save` is refused and `restore` moves nothing aside.
 
     All processes must call `save`, `restore`, `wait` and `close`; Orbax decides which
     process writes what.
@@ -203,6 +153,7 @@ class Checkpointer:
         every_steps: int = 1,
         async_save: bool = True,
         config_hash: str | None = None,
+        read_only: bool = False,
     ):
         if keep < 1:
             raise ValueError(f"checkpoint.keep must be >= 1, got {keep}")
@@ -215,11 +166,15 @@ class Checkpointer:
             )
         if every_steps < 1:
             raise ValueError(f"checkpoint.every_steps must be >= 1, got {every_steps}")
-        self.directory = epath.Path(directory)
+        # Orbax refuses relative paths, and only inside its background save thread.
+        self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
         self.best_metric = best_metric or None
         self.config_hash = config_hash
-        self._stop_requested = threading.Event()
-        self._previous_sigterm_handler: Any = None
+        self.read_only = read_only
+        self.every_steps = every_steps
+        self._stop = StopRequests()
+        self._pending: int | None = None  # The step of the save in flight.
+        _quiet_tracked_metric_warning()
 
         policies: list[Any] = [ocp.checkpoint_managers.LatestN(n=keep)]
         best_fn = None
@@ -243,23 +198,34 @@ class Checkpointer:
             registry.add(name, save_args)
             registry.add(name, restore_args)
         policies_lib = ocp.checkpoint_managers
-        options = ocp.CheckpointManagerOptions(
-            # Multiples of every_steps, and (with several processes) the step all agree to
-            # stop at after a preemption notice. No extra save at the first step.
-            save_decision_policy=policies_lib.AnySavePolicy(
-                [
-                    policies_lib.FixedIntervalPolicy(every_steps),
-                    policies_lib.PreemptionCheckpointingPolicy(),
-                ]
-            ),
-            preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-            # best_fn makes Orbax store the metrics with each step (and rank by them).
-            best_fn=best_fn,
-            best_mode=best_mode,
-            enable_async_checkpointing=async_save,
-            # Half-written steps are moved aside by `restore`, not deleted.
-            cleanup_tmp_directories=False,
-        )
+        if read_only:
+            # Orbax warns about every saving option it then ignores; pass none.
+            options = ocp.CheckpointManagerOptions(
+                read_only=True,
+                create=False,
+                cleanup_tmp_directories=False,
+                enable_async_checkpointing=False,
+            )
+        else:
+            options = ocp.CheckpointManagerOptions(
+                # Multiples of every_steps, and (with several processes) the step all agree
+                # to stop at after a preemption notice. No extra save at the first step.
+                save_decision_policy=policies_lib.AnySavePolicy(
+                    [
+                        policies_lib.FixedIntervalPolicy(every_steps),
+                        policies_lib.PreemptionCheckpointingPolicy(),
+                    ]
+                ),
+                preservation_policy=policies_lib.AnyPreservationPolicy(policies),
+                # best_fn makes Orbax store the metrics with each step (and rank by them).
+                best_fn=best_fn,
+                best_mode=best_mode,
+                enable_async_checkpointing=async_save,
+                # Half-written steps are moved aside by `restore`, not deleted.
+                cleanup_tmp_directories=False,
+                # Every committed step carries the checksums of its files.
+                temporary_path_class=integrity.ChecksummedTemporaryPath,
+            )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, handler_registry=registry
         )
@@ -286,8 +252,18 @@ class Checkpointer:
           metrics: scalar metrics of this step; those with `best_metric` rank the step
             among the best. Steps without it are kept only while among the latest.
           force: save even if `step` is not a multiple of `every_steps`.
+
+        Raises:
+          CheckpointSaveError: the previous save, or this one, failed.
         """
+        if self.read_only:
+            raise RuntimeError(f"checkpoint: {self.directory} was opened read-only")
         step = int(step)
+        if not (force or step % self.every_steps == 0):
+            # Not a save step: the save in flight goes on overlapping with training.
+            return False
+        # Every process gets here at the same steps, so they agree on the previous save.
+        self._finish_pending()
         if step in self._manager.all_steps():
             # e.g. a preemption save right after a regular save of the same step.
             logging.info("checkpoint: step %d is already saved; not saving it again", step)
@@ -297,7 +273,7 @@ class Checkpointer:
             tracked = {self.best_metric: float(metrics[self.best_metric])}
         meta = {
             "step": step,
-            "attnx_version": _attnx_version(),
+            "attnx_version": attnx_version(),
             "config_hash": self.config_hash,
             "process_count": jax.process_count(),
         }
@@ -308,10 +284,62 @@ class Checkpointer:
                 META: ocp.args.JsonSave(meta),
             }
         )
-        saved = self._manager.save(step, args=args, metrics=tracked, force=force)
+        try:
+            saved = self._manager.save(step, args=args, metrics=tracked, force=force)
+        except Exception as error:
+            self._pending = step
+            self._finish_pending(error)
+            raise  # Not reached: _finish_pending raised.
         if saved:
+            self._pending = step
             logging.info("checkpoint: saving step %d to %s", step, self.directory)
         return saved
+
+    def poll(self) -> None:
+        """Raises CheckpointSaveError if the save in flight has ended without committing.
+
+        Cheap enough for every step. With several processes it checks nothing
+        (their saves end at different moments, and one process stopping alone
+        would leave the others waiting in a collective); `save` (at its next
+        save step), `wait` and `close` check there, on all processes together.
+        """
+        if self._pending is None or jax.process_count() > 1:
+            return
+        if self._manager.is_saving_in_progress():
+            return
+        self._finish_pending()
+
+    def _finish_pending(self, error: BaseException | None = None) -> None:
+        """Waits for the save in flight; raises CheckpointSaveError if it did not commit."""
+        step, self._pending = self._pending, None
+        if step is None and error is None:
+            return
+        if error is None:
+            try:
+                self._manager.wait_until_finished()
+            except Exception as caught:  # Orbax re-raises the background thread's error.
+                error = caught
+        if step is None:
+            if error is not None:
+                raise CheckpointSaveError(
+                    f"checkpoint: saving into {self.directory} failed ({_cause(error)})"
+                ) from None
+            return
+        step_dir = self.directory / str(step)
+        problem = None
+        if error is not None:
+            problem = _cause(error)
+        elif not (step_dir / COMMIT_MARKER).exists():
+            problem = f"{step_dir} was not committed (see the log above)"
+        if not all_agree(problem is None):
+            problem = problem or "it failed on another process (see that process's log)"
+            saved = [s for s in self._manager.all_steps() if s != step]
+            newest = f"step {max(saved)}" if saved else "none"
+            raise CheckpointSaveError(
+                f"checkpoint: saving step {step} to {step_dir} failed: {problem}; the run "
+                f"stopped so that it does not train on with nothing saved (newest checkpoint: "
+                f"{newest}); fix the cause and run the same command to resume"
+            ) from None
 
     # --- restoring ---
 
@@ -319,7 +347,7 @@ class Checkpointer:
         """Restores `(train_state, data_state)` onto `target`'s shardings; None if no checkpoint.
 
         Args:
-          step: a given step, or None for the newest good one. A given step that is
+          step: a given step, or None for the newest whole one. A given step that is
             broken raises CorruptCheckpointError (nothing is moved aside).
           target: a pytree like the saved train state whose leaves are jax.Arrays or
             jax.ShapeDtypeStruct with shardings (e.g. from `jax.eval_shape` plus
@@ -328,10 +356,16 @@ class Checkpointer:
         Returns:
           `(train_state, data_state)`; `data_state` is None when the checkpoint was
           written by a different number of processes (the data restarts).
+
+        Raises:
+          CorruptCheckpointError: `step` was given and its files are broken.
+          RunError: a step without checksums (written by an older attnx) failed to
+            restore, so attnx cannot tell a broken file from a bug.
         """
-        abstract = jax.tree.map(_abstract, target)
-        self.wait()
-        half_written = self._move_aside_uncommitted() if step is None else []
+        abstract = jax.tree.map(abstract_target, target)
+        if not self.read_only:
+            self.wait()
+        half_written = [] if self.read_only or step is not None else self._move_aside_uncommitted()
         self._manager.reload()
         steps = sorted(self._manager.all_steps(), reverse=True)
         if step is not None:
@@ -339,43 +373,55 @@ class Checkpointer:
                 raise FileNotFoundError(
                     f"checkpoint: no step {step} in {self.directory}; steps: {sorted(steps)}"
                 )
+            problem = self._damage(int(step))
+            if problem:
+                raise CorruptCheckpointError(f"step {step}: {problem}")
             return self._restore_step(int(step), abstract)
         newest = max(steps[:1] + half_written, default=None)
         for candidate in steps:
-            try:
-                restored = self._restore_step(candidate, abstract)
-            except CorruptCheckpointError as error:
-                logging.warning("checkpoint: unusable checkpoint, %s", error)
-                self._move_aside(candidate)
+            problem = self._damage(candidate)
+            if problem:
+                if self.read_only:
+                    logging.warning(
+                        "checkpoint: step %d is broken, skipping it (read-only: nothing is "
+                        "moved): %s",
+                        candidate,
+                        problem,
+                    )
+                else:
+                    logging.warning("checkpoint: step %d is broken: %s", candidate, problem)
+                    self._move_aside(candidate)
                 continue
+            restored = self._restore_step(candidate, abstract)
             if candidate != newest:
                 logging.warning(
-                    "checkpoint: fell back to step %d, the newest good checkpoint in %s "
-                    "(newer steps were moved aside)",
+                    "checkpoint: fell back to step %d, the newest whole checkpoint in %s",
                     candidate,
                     self.directory,
                 )
             return restored
         return None
 
+    def _damage(self, step: int) -> str | None:
+        """Why step `step` is broken (from its files, every process reading a share), or None."""
+        step_dir = os.fspath(self.directory / str(step))
+        problem = integrity.find_damage(
+            step_dir, ITEMS, shard=(jax.process_index(), jax.process_count())
+        )
+        if not all_agree(problem is None):
+            return problem or "another process found a broken file (see its log)"
+        return None
+
     def _restore_step(self, step: int, abstract: Any) -> tuple[Any, Any]:
-        """Restores one step; CorruptCheckpointError if its files are broken or missing."""
-        problem = self._missing_files(step)
-        metadata = None
-        if problem is None:
-            try:
-                metadata = self._manager.item_metadata(step)[STATE]
-            except Exception as error:  # any read error means a broken step
-                problem = f"cannot read its metadata: {type(error).__name__}: {str(error)[:500]}"
-        if not _agree(problem is None):
-            raise CorruptCheckpointError(
-                f"step {step}: {problem or 'another process could not read it'}"
-            )
+        """Restores one whole step; an error here is not the step's fault, so it is raised."""
+        step_dir = os.fspath(self.directory / str(step))
+        try:
+            metadata = self._manager.item_metadata(step)[STATE]
+        except Exception as error:
+            self._raise_unreadable(step, step_dir, error)
         # A target that does not match is the caller's error (e.g. a changed model),
         # not a broken checkpoint: raise it plainly so nothing gets moved aside.
-        self._check_target(step, abstract, metadata)
-        problem = None
-        restored = None
+        check_target(step, abstract, metadata)
         try:
             restored = self._manager.restore(
                 step,
@@ -388,11 +434,7 @@ class Checkpointer:
                 ),
             )
         except Exception as error:
-            problem = f"restoring failed: {type(error).__name__}: {str(error)[:500]}"
-        if not _agree(problem is None):
-            raise CorruptCheckpointError(
-                f"step {step}: {problem or 'restoring failed on another process'}"
-            )
+            self._raise_unreadable(step, step_dir, error)
         meta = restored[META]
         if self.config_hash and meta.get("config_hash") not in (None, self.config_hash):
             logging.warning(
@@ -404,38 +446,16 @@ class Checkpointer:
         logging.info("checkpoint: restored step %d from %s", step, self.directory)
         return restored[STATE], restored[DATA]
 
-    def _missing_files(self, step: int) -> str | None:
-        """Why the directory of `step` is incomplete, or None if every item is committed."""
-        path = self.directory / str(step)
-        if not (path / COMMIT_MARKER).exists():
-            return f"{path} has no commit marker ({COMMIT_MARKER}): it was never fully written"
-        for item in ITEMS:
-            if not (path / item / COMMIT_MARKER).exists():
-                return f"item '{item}' is missing or uncommitted in {path}"
-        return None
-
-    def _check_target(self, step: int, abstract: Any, metadata: Any) -> None:
-        stored = {
-            leaf.name: leaf
-            for leaf in jax.tree.leaves(metadata.tree)
-            if hasattr(leaf, "name") and hasattr(leaf, "shape")
-        }
-        wanted = {_path_name(path): leaf for path, leaf in jax.tree.leaves_with_path(abstract)}
-        missing = sorted(set(wanted) - set(stored))
-        extra = sorted(set(stored) - set(wanted))
-        if missing or extra:
-            raise ValueError(
-                f"checkpoint step {step} does not match the restore target: leaves only in "
-                f"the target: {missing[:5]}; only in the checkpoint: {extra[:5]}"
-            )
-        for name, leaf in wanted.items():
-            shape, dtype = _stored_shape_dtype(leaf)
-            have = stored[name]
-            if tuple(have.shape) != shape or np.dtype(have.dtype) != dtype:
-                raise ValueError(
-                    f"checkpoint step {step}: '{name}' is {have.dtype}{list(have.shape)} in "
-                    f"the checkpoint but {dtype}{list(shape)} in the restore target"
-                )
+    def _raise_unreadable(self, step: int, step_dir: str, error: Exception) -> None:
+        if integrity.has_manifest(step_dir):
+            raise error  # Its files are whole: a bug or a setup problem, shown as it is.
+        raise RunError(
+            f"checkpoint: step {step} in {self.directory} could not be restored "
+            f"({_cause(error)}); it was written without checksums (by an older attnx), "
+            f"so attnx cannot tell a damaged file from a bug and moves nothing: if the "
+            f"step is damaged, move {step_dir} aside yourself to resume from the step "
+            "before it"
+        ) from error
 
     def _move_aside_uncommitted(self) -> list[int]:
         """Moves half-written steps (Orbax temporary dirs, dirs without marker) aside."""
@@ -457,13 +477,13 @@ class Checkpointer:
                 logging.warning("checkpoint: step %s is half-written: %s", step, reason)
                 self._rename_aside(path, int(step))
                 moved.append(int(step))
-        _sync("attnx_checkpoint_move_aside_uncommitted")
+        sync("attnx_checkpoint_move_aside_uncommitted")
         return moved  # on process 0 only: it alone looked (for the log)
 
     def _move_aside(self, step: int) -> None:
         if jax.process_index() == 0:
             self._rename_aside(self.directory / str(step), step)
-        _sync(f"attnx_checkpoint_move_aside_{step}")
+        sync(f"attnx_checkpoint_move_aside_{step}")
         self._manager.reload()
 
     def _rename_aside(self, path: epath.Path, step: int) -> None:
@@ -486,16 +506,23 @@ class Checkpointer:
         return self._manager.best_step()
 
     def wait(self) -> None:
-        """Blocks until the asynchronous save in flight (if any) is on disk."""
-        self._manager.wait_until_finished()
+        """Blocks until the save in flight (if any) is on disk; CheckpointSaveError if it failed."""
+        self._finish_pending()
 
     def close(self) -> None:
-        """Waits for pending saves, releases Orbax's threads and the SIGTERM handler."""
-        self._manager.wait_until_finished()
-        self._manager.close()
-        if self._previous_sigterm_handler is not None:
-            signal.signal(signal.SIGTERM, self._previous_sigterm_handler)
-            self._previous_sigterm_handler = None
+        """Waits for pending saves, releases Orbax's threads and the SIGTERM handler.
+
+        Raises CheckpointSaveError (after releasing everything) if the last save failed.
+        """
+        try:
+            if not self.read_only:
+                self._finish_pending()
+        finally:
+            try:
+                self._manager.close()
+            except Exception as error:  # Already reported by _finish_pending.
+                logging.warning("checkpoint: closing Orbax: %s", _cause(error))
+            self._stop.uninstall()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -506,34 +533,9 @@ class Checkpointer:
     # --- preemption ---
 
     def install_sigterm_handler(self) -> None:
-        """Makes SIGTERM set the stop flag instead of killing the process (main thread only).
-
-        With several processes and JAX's preemption service on (the default), JAX already
-        listens for SIGTERM and picks a step at which all processes stop; `should_stop`
-        asks it, and installing a Python handler would take SIGTERM away from it.
-        """
-        if _use_preemption_service():
-            logging.info("checkpoint: several processes; SIGTERM goes to JAX's preemption service")
-            return
-
-        def on_sigterm(signum: int, frame: Any) -> None:
-            del signum, frame
-            logging.warning("checkpoint: SIGTERM received; stopping after this step")
-            self._stop_requested.set()
-
-        self._previous_sigterm_handler = signal.signal(signal.SIGTERM, on_sigterm)
+        """SIGTERM and a first Ctrl-C make `should_stop` true (see `preemption.StopRequests`)."""
+        self._stop.install()
 
     def should_stop(self, step: int) -> bool:
-        """True once a preemption (SIGTERM) was received; call after every step.
-
-        With several processes all must call this at every step: it turns True on all of
-        them at the same step (JAX's preemption sync point, or an all-gather of the flag
-        when the preemption service is off).
-        """
-        if _use_preemption_service():
-            return multihost_utils.reached_preemption_sync_point(int(step))
-        return not _agree(not self._stop_requested.is_set())
-
-
-def _use_preemption_service() -> bool:
-    return jax.process_count() > 1 and bool(jax.config.jax_enable_preemption_service)
+        """True once a stop was requested; all processes must call it after every step."""
+        return self._stop.should_stop(step)

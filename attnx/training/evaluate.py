@@ -4,14 +4,19 @@ Exact match and BLEU are computed from beam-search output (never from teacher
 forcing), on detokenised strings; BLEU with sacrebleu (`metrics.corpus_bleu`),
 BLEU-1..4 for captions. The alignments that beam search carries for its best
 hypotheses are plotted for the first `config.eval.num_plots` examples.
+Optionally, every decoded example goes to a predictions TSV (source,
+reference, hypothesis, score), and inputs with characters the vocabulary
+cannot represent are reported.
 """
 
+import csv
 import os
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -38,6 +43,40 @@ def _labels(tokenizer: Tokenizer, ids: np.ndarray) -> list[str]:
     return labels
 
 
+# The predictions file's columns, in order (its header row).
+PREDICTION_COLUMNS = ("source", "reference", "hypothesis", "score")
+# Inputs with unknown characters reported one by one; the rest are only counted.
+MAX_UNKNOWN_CHARACTER_WARNINGS = 20
+# Distinct unknown characters listed in the summary line.
+_MAX_LISTED_CHARACTERS = 50
+
+
+def _shorten(text: str, width: int = 60) -> str:
+    """`text` on one log line: control characters escaped, at most `width` characters."""
+    text = "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )
+    return text if len(text) <= width else text[: width - 1] + "\u2026"
+
+
+def _describe(characters: Iterable[str]) -> str:
+    """Each character with its code point: `'ʼ' (U+02BC), '€' (U+20AC)`."""
+    return ", ".join(f"{c!r} (U+{ord(c):04X})" for c in characters)
+
+
+def _write_predictions(path: str, rows: Iterable[tuple[str, str, str, str]]) -> None:
+    """Writes `rows` (source, reference, hypothesis, score) as a UTF-8 TSV with a header."""
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", lineterminator="\n")
+        # The csv module quotes a field that holds a tab, a quote or "\n" (the line
+        # terminator), but not a bare "\r", which csv.reader takes for a line end:
+        # a row holding one is written fully quoted (valid CSV either way).
+        quoted = csv.writer(f, delimiter="\t", lineterminator="\n", quoting=csv.QUOTE_ALL)
+        writer.writerow(PREDICTION_COLUMNS)
+        for row in rows:
+            (quoted if any("\r" in field for field in row) else writer).writerow(row)
+
+
 def evaluate(
     *,
     model: nnx.Module,
@@ -51,20 +90,68 @@ def evaluate(
     plot_dir: str | None,
     references_of: Callable[[int], list[str]] | None = None,
     predictions_path: str | None = None,
+    sources_of: Callable[[int], str] | None = None,
+    warn_unknown_characters: bool = False,
 ) -> tuple[dict[str, float], list[tuple[str, np.ndarray]]]:
     """Runs one evaluation pass; returns `({'eval/...': value}, [(name, picture), ...])`.
 
-    References: with `references_of` and batches that carry 'index' (the
-    pipeline's `with_index`), `references_of(index)` gives the references of
-    a row's record as raw text (untruncated, no unknown tokens; all five-odd
-    captions of a COCO image); otherwise the row's detokenised targets.
+    Every batch is scored with `eval_step` (teacher forcing); the first
+    `eval_config.max_examples` real rows (padding rows, whose first target is
+    pad, are skipped) are also decoded with `decoding.beam_search`.
 
-    With `predictions_path`, process 0 also writes one `reference<TAB>hypothesis`
-    line per decoded example there (the first reference).
+    Args:
+      model: the seq2seq model, for beam search.
+      params: its parameters, for `eval_step`.
+      eval_step: `(params, batch) -> {name: (sum, count)}` metric sums.
+      batches: global batches: 'inputs' [B, S] int32 (or 'image' [B, H, W, C]
+        with `captions`), 'targets' [B, T] int32, and 'index' [B] int32 (the
+        record of each row, -1 for padding) when the pipeline's `with_index`.
+      tokenizer: detokenises hypotheses (and targets, without `references_of`).
+      eval_config: beam_size, length_penalty, alpha, max_examples, num_plots,
+        bleu_tokenize.
+      max_target_length: beam search's maximum output length.
+      captions: the source is an image (BLEU-1..4 over every reference).
+      plot_dir: where the alignment plots go (None: not saved, still returned).
+      references_of: `references_of(index)` gives the references of a row's
+        record as raw text (untruncated, no unknown tokens; all five-odd
+        captions of a COCO image); without it (or without 'index'), the row's
+        detokenised targets.
+      predictions_path: if given, process 0 writes there a UTF-8 TSV (csv
+        module, tab-delimited, "\n" line ends; a field holding a tab, a quote
+        or a line break is quoted) with the header `source reference
+        hypothesis score` and one row per decoded example: the source text
+        (`sources_of(index)`, empty without it), the first reference, the best
+        hypothesis and its beam-search ranking score (length-normalised
+        log-prob, `DecodeResult.scores[:, 0]`) with 4 decimals.
+      sources_of: `sources_of(index)` gives the raw source text of a row's
+        record (for captions, a label such as 'image 17'); needs 'index' in
+        the batches. Called only for the predictions file and the warnings.
+      warn_unknown_characters: log (process 0, absl warning) each decoded
+        input whose source text has characters the tokenizer cannot
+        represent (`Tokenizer.unknown_characters`; the model read them as
+        <unk>), naming them with their code points: one line per input for
+        the first 20 such inputs, then one summary line with their number
+        and the distinct characters. Needs `sources_of`; ignored for captions
+        (an image has no text).
+
+    Raises:
+      ValueError: `warn_unknown_characters` without `sources_of` for a text
+        source, or sources to read from batches that carry no 'index'.
     """
+    if warn_unknown_characters and sources_of is None and not captions:
+        raise ValueError("evaluate: warn_unknown_characters=True needs sources_of.")
+    # Only the chief process writes and logs; every process holds all rows (to_host).
+    chief = jax.process_index() == 0
+    check_sources = warn_unknown_characters and not captions
+    # Reading a source may mean reading its record again: only when something uses it.
+    read_sources = sources_of is not None and (check_sources or predictions_path is not None)
     sums: dict[str, tuple[Any, Any]] = {}
     hypotheses: list[str] = []
     references: list[list[str]] = []
+    source_texts: list[str] = []
+    scores: list[float] = []
+    unknown_inputs = 0
+    unknown_seen: dict[str, None] = {}  # distinct unknown characters, in order of appearance
     pictures = []
     decoded = 0
     for batch in batches:
@@ -83,18 +170,37 @@ def evaluate(
         )
         sequences = to_host(result.sequences)[:, 0]
         alignments = to_host(result.alignments)[:, 0]
+        best_scores = to_host(result.scores)[:, 0]  # [B] the returned hypothesis's score
         targets = to_host(batch["targets"])
         indices = to_host(batch["index"]) if "index" in batch else None
+        if read_sources and indices is None:
+            raise ValueError(
+                "evaluate: sources_of needs batches that carry 'index' (the pipeline's "
+                "with_index=True)."
+            )
         sources = None if captions else to_host(batch["inputs"])
         for row in range(targets.shape[0]):
             if targets[row, 0] == 0 or decoded >= eval_config.max_examples:
                 continue  # an empty padding row, or enough examples
             hypothesis = tokenizer.decode(sequences[row])
             hypotheses.append(hypothesis)
+            scores.append(float(best_scores[row]))
             if references_of is not None and indices is not None:
                 references.append(references_of(int(indices[row])))
             else:
                 references.append([tokenizer.decode(targets[row])])
+            source_text = sources_of(int(indices[row])) if read_sources else ""
+            source_texts.append(source_text)
+            if check_sources and (unknown := tokenizer.unknown_characters(source_text)):
+                unknown_inputs += 1
+                unknown_seen.update(dict.fromkeys(unknown))
+                if chief and unknown_inputs <= MAX_UNKNOWN_CHARACTER_WARNINGS:
+                    logging.warning(
+                        'input %d "%s": characters outside the vocabulary, read as <unk>: %s',
+                        int(indices[row]),
+                        _shorten(source_text),
+                        _describe(unknown),
+                    )
             if decoded < eval_config.num_plots:
                 target_labels = _labels(tokenizer, sequences[row]) + ["</s>"]
                 if captions:
@@ -121,8 +227,24 @@ def evaluate(
             hypotheses, [r[0] for r in references], tokenize=eval_config.bleu_tokenize
         )
     results["eval/decoded_examples"] = float(len(hypotheses))
-    if predictions_path is not None and jax.process_index() == 0:
-        with open(predictions_path, "w", encoding="utf-8") as f:
-            for reference, hypothesis in zip(references, hypotheses, strict=True):
-                f.write(f"{reference[0]}\t{hypothesis}\n")
+    if unknown_inputs and chief:
+        listed = list(unknown_seen)[:_MAX_LISTED_CHARACTERS]
+        more = len(unknown_seen) - len(listed)
+        logging.warning(
+            "%d of %d decoded inputs had characters outside the vocabulary (distinct: %s%s)",
+            unknown_inputs,
+            len(hypotheses),
+            _describe(listed),
+            f", and {more} more" if more else "",
+        )
+    if predictions_path is not None and chief:
+        _write_predictions(
+            predictions_path,
+            (
+                (source, reference[0], hypothesis, f"{score:.4f}")
+                for source, reference, hypothesis, score in zip(
+                    source_texts, references, hypotheses, scores, strict=True
+                )
+            ),
+        )
     return results, pictures

@@ -1,34 +1,43 @@
 """Metric logs of a run: metrics.jsonl, TensorBoard event files and a progress line.
 
-`MetricsWriter(workdir, total_steps=...)` writes
+`MetricsWriter(directory, total_steps=...)` writes
 
-  workdir/metrics.jsonl   one JSON object per `write` call, e.g.
+  directory/metrics.jsonl one JSON object per `write` call, e.g.
                           {"step": 100, "train/loss": 2.31, "train/learning_rate": 0.001}
                           flushed at once, so a killed run loses nothing logged;
                           a non-finite value is written as NaN / Infinity (Python's json).
-  workdir/tensorboard/    event files written by tensorboardX (no TensorFlow):
+  directory/tensorboard/  event files written by tensorboardX (no TensorFlow):
                           scalars, images (attention plots) and text.
 
 and `progress(step, loss)` logs one line with absl: step, smoothed steps/s,
-ETA and loss. Only the chief process (process 0 by default) writes or logs;
-on the others every method does nothing, so the loop calls them everywhere.
+ETA and loss; `evaluation(step, metrics)` one line per evaluation. Only the
+chief process (process 0 by default) writes or logs; on the others every
+method does nothing, so the loop calls them everywhere.
 
-Resuming: pass `start_step`, the step of the restored checkpoint. Lines of
-metrics.jsonl with step > start_step came from work the restart throws away
-and will be logged again, so they are removed (the file is rewritten through
-a temporary file and an atomic rename); lines with step <= start_step are kept,
-so the file reflects one consistent run. A torn last line (the process died
-mid-write) is dropped too. TensorBoard gets the same treatment from its own
-mechanism: the new event file starts with purge_step = start_step + 1, which
-makes TensorBoard discard older events of later steps.
+The training record (`mode='train'`, directory = the workdir) is the only one
+ever rewritten, and only on resume: pass `start_step`, the step of the
+restored checkpoint. Lines with step > start_step came from work the restart
+throws away and will be logged again, so they leave metrics.jsonl (rewritten
+through a temporary file and an atomic rename, with its permissions); a torn
+last line (the process died mid-write) leaves too. Nothing is lost: the lines
+that leave are appended to `metrics.jsonl.dropped-TIME` beside it.
+TensorBoard gets the same treatment from its own mechanism: the new event
+file starts with purge_step = start_step + 1, which makes TensorBoard discard
+older events of later steps.
+
+The read-only modes (`mode='eval'`, `'decode'`, ...) write into their own
+directory (`WORKDIR/<mode>/`), mark every row with `"mode"`, only append, and
+have a TensorBoard run of their own.
 
 The workdir must be a local (or mounted, e.g. gcsfuse) file system: appending
 a line needs a file that can be appended to.
 """
 
+import datetime
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -43,26 +52,43 @@ METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 
 
-def _keep_lines_through(path: str, last_step: int) -> int:
-    """Rewrites `path` keeping parseable lines with step <= last_step; returns lines dropped."""
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    kept = []
+def _keep_lines_through(path: str, last_step: int) -> tuple[int, str | None]:
+    """Keeps the parseable lines of `path` with step <= last_step; moves the rest aside.
+
+    Returns the number of lines that left and the file they were appended to
+    (`PATH.dropped-TIME`, None if none left). The rewritten file keeps the
+    original's permission bits.
+    """
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    lines = text.splitlines()
+    kept, dropped = [], []
     for line in lines:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            record = None
         if isinstance(record, dict) and isinstance(record.get("step"), int):
             if record["step"] <= last_step:
                 kept.append(line)
-    dropped = len(lines) - len(kept)
+                continue
+        if line.strip():
+            dropped.append(line)
+    if not dropped and (not text or text.endswith("\n")):
+        return 0, None
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    aside = None
     if dropped:
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".metrics.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
-    return dropped
+        aside = f"{path}.dropped-{stamp}"
+        with open(aside, "a", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in dropped))
+        shutil.copymode(path, aside)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".metrics.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in kept))
+    shutil.copymode(path, tmp)  # mkstemp creates 0600; the record keeps its permissions.
+    os.replace(tmp, path)
+    return len(dropped), aside
 
 
 def _as_float(name: str, value: Any) -> float:
@@ -78,20 +104,24 @@ class MetricsWriter:
     """Writes a run's metrics to metrics.jsonl and TensorBoard (chief process only).
 
     Args:
-      workdir: the run's directory (created if missing).
+      directory: where metrics.jsonl and tensorboard/ go (created if missing): the
+        workdir for training, `WORKDIR/<mode>` for a read-only mode.
       total_steps: the number of steps of the run, for the ETA.
       start_step: step the run (re)starts from; 0 for a fresh run, else the
-        restored checkpoint's step (see the module docstring).
+        restored checkpoint's step (see the module docstring). Training only.
+      mode: 'train' for the training record; any other mode only appends, and
+        marks its rows with `"mode": mode`.
       is_chief: whether this process writes; defaults to jax.process_index() == 0.
       clock: seconds as a float (time.monotonic); injectable for tests.
     """
 
     def __init__(
         self,
-        workdir: str | os.PathLike,
+        directory: str | os.PathLike,
         *,
         total_steps: int,
         start_step: int = 0,
+        mode: str = "train",
         is_chief: bool | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -100,7 +130,8 @@ class MetricsWriter:
                 f"MetricsWriter: total_steps={total_steps} and start_step={start_step} "
                 "must be >= 0."
             )
-        self.workdir = os.fspath(workdir)
+        self.workdir = os.fspath(directory)
+        self.mode = mode
         self.total_steps = int(total_steps)
         self.is_chief = jax.process_index() == 0 if is_chief is None else bool(is_chief)
         self._clock = clock
@@ -113,18 +144,20 @@ class MetricsWriter:
             return
         os.makedirs(self.workdir, exist_ok=True)
         path = os.path.join(self.workdir, METRICS_FILE)
-        if os.path.exists(path):
-            dropped = _keep_lines_through(path, start_step)
+        if mode == "train" and os.path.exists(path):
+            dropped, aside = _keep_lines_through(path, start_step)
             if dropped:
-                logging.info(
-                    "metrics.jsonl: dropped %d lines after step %d (or unreadable) on resume.",
+                logging.warning(
+                    "metrics.jsonl: %d lines after step %d (or torn) left the record on "
+                    "resume; they are kept in %s",
                     dropped,
                     start_step,
+                    aside,
                 )
-        self._file = open(path, "a", encoding="utf-8")  # closed in close()
+        self._path = path
         self._tensorboard = SummaryWriter(
             os.path.join(self.workdir, TENSORBOARD_DIR),
-            purge_step=start_step + 1 if start_step > 0 else None,
+            purge_step=start_step + 1 if start_step > 0 and mode == "train" else None,
         )
 
     @property
@@ -139,6 +172,11 @@ class MetricsWriter:
         if not self.is_chief:
             return
         record = {"step": int(step), **values}
+        if self.mode != "train":
+            record["mode"] = self.mode
+        if self._file is None:
+            # Opened at the first row, so a mode that logs none leaves no empty file.
+            self._file = open(self._path, "a", encoding="utf-8")  # closed in close()
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         for name, value in values.items():
@@ -163,6 +201,22 @@ class MetricsWriter:
             return
         self._tensorboard.add_text(name, str(text), int(step))
         self._tensorboard.flush()
+
+    def start_clock(self, step: int) -> None:
+        """Counts steps/s from `step` on (call after the first step, once it has compiled)."""
+        self._last_time, self._last_step = self._clock(), int(step)
+
+    def evaluation(self, step: int, metrics: Mapping[str, float]) -> None:
+        """Logs one line: 'eval step S | exact_match 0.98 | bleu 97.1 | loss 0.02 ...'."""
+        if not self.is_chief:
+            return
+        parts = [f"{self.mode if self.mode != 'train' else 'eval'} step {step}"]
+        for name, value in metrics.items():
+            short = name.split("/", 1)[-1]
+            if short == "decoded_examples":
+                continue
+            parts.append(f"{short} {value:.4g}")
+        logging.info(" | ".join(parts))
 
     def progress(self, step: int, loss: float) -> None:
         """Logs 'step S/T | R steps/s | ETA H:MM:SS | loss L' (steps/s smoothed)."""

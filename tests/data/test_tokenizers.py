@@ -142,3 +142,57 @@ def test_bad_arguments_are_named(tmp_path):
         tokenizers.build_or_load_tokenizer("sentencepiece", tmp_path, lambda: iter(TEXTS))
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         tokenizers.load_tokenizer(tmp_path)
+
+
+# Characters that no text of TEXTS holds: 'Z', 'ë', 'ʼ' (a modifier letter apostrophe,
+# not "'"), '€' and '—'; every other character of NEW_TEXT occurs in TEXTS.
+NEW_TEXT = "Zoë ʼ€ Zoë—€ été, Привет 🙂"
+NEW_CHARACTERS = ["Z", "ë", "ʼ", "€", "—"]
+
+
+def test_character_unknown_characters_in_order_of_first_appearance():
+    tokenizer = tokenizers.CharacterTokenizer.from_texts(TEXTS)
+    assert tokenizer.unknown_characters(NEW_TEXT) == NEW_CHARACTERS
+    assert tokenizer.unknown_characters("") == []
+    for text in TEXTS:
+        assert tokenizer.unknown_characters(text) == []
+    # The override agrees with the base class's definition (encodes to unk).
+    for text in [NEW_TEXT, *TEXTS]:
+        assert tokenizers.Tokenizer.unknown_characters(
+            tokenizer, text
+        ) == tokenizer.unknown_characters(text)
+    # Exactly these characters are read as unk.
+    ids = tokenizer.encode(NEW_TEXT)
+    assert [c for c, i in zip(NEW_TEXT, ids, strict=True) if i == tokenizers.UNK_ID] == [
+        "Z",
+        "ë",
+        "ʼ",
+        "€",
+        "Z",
+        "ë",
+        "—",
+        "€",
+    ]
+
+
+def test_byte_tokenizer_has_no_unknown_characters():
+    tokenizer = tokenizers.ByteTokenizer()
+    for text in [NEW_TEXT, *TEXTS, "\x00\t\n\ufffd\U0010ffff", ""]:
+        assert tokenizer.unknown_characters(text) == []
+
+
+def test_sentencepiece_unknown_characters(sentencepiece_dir):
+    # Trained with character_coverage=1.0: every character of TEXTS has a piece,
+    # and a character absent from the training text encodes to unk.
+    tokenizer = sentencepiece_dir[1]
+    for character in NEW_CHARACTERS:
+        assert tokenizers.UNK_ID in tokenizer.encode(character).tolist(), character
+    assert tokenizer.unknown_characters(NEW_TEXT) == NEW_CHARACTERS
+    assert tokenizers.UNK_ID in tokenizer.encode(NEW_TEXT).tolist()
+    for text in TEXTS:
+        assert tokenizer.unknown_characters(text) == []
+    # Answers come from a per-character cache the second time; they must not change.
+    assert tokenizer.unknown_characters(NEW_TEXT + "Z") == NEW_CHARACTERS
+    # A pickled copy (a worker process) answers the same.
+    copy = pickle.loads(pickle.dumps(tokenizer))
+    assert copy.unknown_characters(NEW_TEXT) == NEW_CHARACTERS

@@ -90,11 +90,58 @@ def test_resume_drops_lines_after_the_restored_step(tmp_path):
         (5, "step", "train/loss"),
     ]
     assert read_lines(workdir)[-1]["train/loss"] == 50.0
+    # Nothing is lost: the lines that left are kept beside the record.
+    (dropped,) = [n for n in os.listdir(workdir) if n.startswith("metrics.jsonl.dropped-")]
+    with open(os.path.join(workdir, dropped)) as f:
+        assert f.read() == '{"step": 5, "train/loss": 5.0}\n{"step": 6, "train/lo\n'
     # TensorBoard: the new event file asks to purge the old steps > 4.
     events = read_events(os.path.join(workdir, "tensorboard"))
     purge = [e for e in events if e.HasField("session_log")]
     assert purge and purge[-1].session_log.status == event_pb2.SessionLog.START
     assert purge[-1].step == 5
+
+
+def test_the_rewritten_record_keeps_its_permissions(tmp_path):
+    workdir = str(tmp_path)
+    with MetricsWriter(workdir, total_steps=10) as writer:
+        writer.write(1, {"train/loss": 1.0})
+        writer.write(2, {"train/loss": 2.0})
+    path = os.path.join(workdir, "metrics.jsonl")
+    os.chmod(path, 0o644)
+    with MetricsWriter(workdir, total_steps=10, start_step=1):
+        pass
+    assert os.stat(path).st_mode & 0o777 == 0o644
+    assert [line["step"] for line in read_lines(workdir)] == [1]
+
+
+def test_a_resume_with_nothing_to_drop_leaves_the_record_alone(tmp_path):
+    workdir = str(tmp_path)
+    with MetricsWriter(workdir, total_steps=10) as writer:
+        writer.write(1, {"train/loss": 1.0})
+    before = os.stat(os.path.join(workdir, "metrics.jsonl"))
+    with MetricsWriter(workdir, total_steps=10, start_step=1) as writer:
+        writer.write(2, {"train/loss": 2.0})
+    after = os.stat(os.path.join(workdir, "metrics.jsonl"))
+    assert before.st_ino == after.st_ino  # Appended to, not rewritten.
+    assert not [n for n in os.listdir(workdir) if ".dropped-" in n]
+
+
+def test_a_read_only_mode_appends_marked_rows_to_its_own_record(tmp_path):
+    workdir = tmp_path / "run"
+    with MetricsWriter(str(workdir), total_steps=10) as writer:
+        writer.write(10, {"eval/bleu": 90.0})
+    training = (workdir / "metrics.jsonl").read_text()
+    for _ in range(2):  # Two evaluations of the same step: both rows stay.
+        with MetricsWriter(str(workdir / "eval"), total_steps=10, mode="eval", start_step=3) as w:
+            w.write(10, {"eval/bleu": 1.0})
+    assert (workdir / "metrics.jsonl").read_text() == training
+    rows = read_lines(str(workdir / "eval"))
+    assert rows == [{"step": 10, "eval/bleu": 1.0, "mode": "eval"}] * 2
+    assert os.listdir(workdir / "eval" / "tensorboard")
+    # A mode that logs no row leaves no metrics file.
+    with MetricsWriter(str(workdir / "visualize"), total_steps=10, mode="visualize"):
+        pass
+    assert not (workdir / "visualize" / "metrics.jsonl").exists()
 
 
 def test_non_chief_writes_nothing(tmp_path):
@@ -120,3 +167,19 @@ def test_progress_line_has_rate_eta_and_loss(tmp_path, monkeypatch):
     assert lines[-2] == "step 200/1000 | 10.00 steps/s | ETA 0:01:20 | loss 2.5000"
     # 600 steps left at 13 steps/s = 46 s
     assert lines[-1] == "step 400/1000 | 13.00 steps/s | ETA 0:00:46 | loss 2.2500"
+
+
+def test_the_first_progress_line_has_a_rate_once_the_clock_started(tmp_path, monkeypatch):
+    lines = []
+    monkeypatch.setattr(
+        absl_logging, "info", lambda fmt, *args: lines.append(fmt % args if args else fmt)
+    )
+    times = iter([100.0, 109.0])  # Step 1 done (compiled) at 100 s; step 10 at 109 s.
+    with MetricsWriter(str(tmp_path), total_steps=100, clock=lambda: next(times)) as writer:
+        writer.start_clock(1)
+        writer.progress(10, 3.0)
+        writer.evaluation(
+            10, {"eval/exact_match": 0.5, "eval/bleu": 61.25, "eval/decoded_examples": 8}
+        )
+    assert lines[-2] == "step 10/100 | 1.00 steps/s | ETA 0:01:30 | loss 3.0000"
+    assert lines[-1] == "eval step 10 | exact_match 0.5 | bleu 61.25"

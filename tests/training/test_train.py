@@ -27,10 +27,8 @@ STEPS = 20
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> str:
-    directory = tmp_path_factory.mktemp("tfds")
-    prepare.prepare("dates", str(directory))
-    return str(directory)
+def data_dir(dates_data_dir) -> str:
+    return dates_data_dir
 
 
 def command(workdir, data_dir, *overrides, extra=()):
@@ -110,8 +108,20 @@ def test_main_job_writes_checkpoints_metrics_events_and_plots(sharded_run):
     assert (sharded_run / "vocab" / "tokenizer.json").is_file()
 
 
+# Cross-mesh tolerances, measured on this experiment over 8 seeds (1 device against
+# 8 devices and against 2 processes x 4 devices, 10 pairs): rounding from another
+# reduction order moved the step-20 train loss by at most 3.9e-6 and the final
+# eval loss by at most 9.0e-5 (Adam's normalised updates enlarge it over 20
+# steps); one lost training step (19 steps instead of 20) moved the eval loss by
+# 7.5e-4 to 1.1e-2, and another batch moves the train loss by 0.3% to 3%.
+TRAIN_LOSS_RTOL = 1e-4  # 25x the worst rounding, 30x under the smallest bug.
+EVAL_LOSS_RTOL = 3e-4  # 3x the worst rounding, 2.5x under the smallest bug.
+
+
 def test_same_loss_on_one_device_and_a_sharded_mesh(sharded_run, single_device_run):
-    np.testing.assert_allclose(train_loss(single_device_run), train_loss(sharded_run), rtol=1e-5)
+    np.testing.assert_allclose(
+        train_loss(single_device_run), train_loss(sharded_run), rtol=TRAIN_LOSS_RTOL
+    )
 
 
 @pytest.fixture(scope="module")
@@ -151,10 +161,16 @@ def test_same_loss_in_two_processes_as_in_one(two_process_run, single_device_run
     # Every process reads its rows of the same global batches, so two
     # processes of 4 devices train exactly as one process of 1 device.
     workdir = two_process_run
-    np.testing.assert_allclose(train_loss(workdir), train_loss(single_device_run), rtol=1e-5)
+    np.testing.assert_allclose(
+        train_loss(workdir), train_loss(single_device_run), rtol=TRAIN_LOSS_RTOL
+    )
     final = {name: metrics(name)[-1] for name in (workdir, single_device_run)}
-    for key in ("eval/loss", "eval/exact_match", "eval/decoded_examples"):
-        np.testing.assert_allclose(final[workdir][key], final[single_device_run][key], rtol=1e-5)
+    np.testing.assert_allclose(
+        final[workdir]["eval/loss"], final[single_device_run]["eval/loss"], rtol=EVAL_LOSS_RTOL
+    )
+    # Counts: every evaluation example read once, by one of the processes.
+    for key in ("eval/exact_match", "eval/decoded_examples"):
+        assert final[workdir][key] == final[single_device_run][key], key
     assert (workdir / "checkpoints" / str(STEPS)).is_dir()
 
 
@@ -258,27 +274,18 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir):
     assert process.returncode == 0, err[-4000:]
     saved = [int(p.name) for p in (workdir / "checkpoints").glob("*") if p.name.isdigit()]
     assert len(saved) == 1 and 10 <= saved[0] < 100000
-    assert "Preempted" in err
+    assert "Preempted or interrupted: saved step" in err
 
 
 def test_visualize_mode_plots_a_restored_checkpoint(tmp_path, data_dir, sharded_run):
     workdir = tmp_path / "visualize"
     shutil.copytree(sharded_run, workdir)
+    record = (workdir / "metrics.jsonl").read_text()
     run(workdir, data_dir, "--mode=visualize", devices=1)
-    assert list((workdir / "plots" / f"visualize_step_{STEPS}").glob("alignment_*.png"))
-
-
-def test_eval_mode_without_a_checkpoint_names_the_problem(tmp_path, data_dir):
-    result = subprocess.run(
-        command(tmp_path / "empty", data_dir, "--mode=eval"),
-        env=environment(1),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode != 0
-    assert "needs a checkpoint" in result.stderr
+    assert list((workdir / "visualize" / "plots" / f"step_{STEPS}").glob("alignment_*.png"))
+    # It never touches the training record (a sweep's table reads its last eval/bleu).
+    assert (workdir / "metrics.jsonl").read_text() == record
+    assert not (workdir / "visualize" / "metrics.jsonl").exists()
 
 
 def test_hard_attention_captioner_trains_with_reinforce_end_to_end(tmp_path):

@@ -1,0 +1,84 @@
+"""The modes that read a trained run: `eval`, `decode` and `visualize`.
+
+Each restores the newest whole checkpoint read-only (nothing is moved, so
+they may run beside a live training run of the same workdir) and writes
+only under `WORKDIR/<mode>/`, never into the training record:
+
+  eval       evaluates it: `eval/metrics.jsonl` (rows marked `"mode": "eval"`),
+             a TensorBoard run of its own (`eval/tensorboard/`), attention
+             plots in `eval/plots/step_N/`;
+  decode     beam-searches the whole evaluation split into
+             `decode/predictions_step_N.tsv` (source, reference, hypothesis,
+             score), warning about source characters outside the vocabulary;
+             its metrics go to `decode/metrics.jsonl`;
+  visualize  plots the attention of `config.eval.num_plots` examples into
+             `visualize/plots/step_N/` (and its TensorBoard run); no metrics,
+             which over a handful of examples would mean nothing.
+
+An output that already exists (the same step decoded twice) is moved aside,
+not replaced.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+from absl import logging
+
+from attnx.training import workdir as workdir_lib
+from attnx.training.logging import MetricsWriter
+from attnx.training.run import Run
+
+MODES = workdir_lib.READ_ONLY_MODES
+
+
+def _fresh(path: str) -> str:
+    workdir_lib.move_aside(path, f"--mode output {os.path.basename(path)}")
+    return path
+
+
+def read_run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict[str, float]:
+    """Runs read-only `mode` on the run in `workdir`; returns its metrics ({} for visualize)."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}; choose one of {MODES}")
+    workdir = workdir_lib.resolve(workdir, what="workdir")
+    run = Run.build(config, workdir, mode=mode)
+    try:
+        run.restore()
+        step = int(run.state.step)
+        logging.info("--mode=%s on step %d of %s", mode, step, workdir)
+        out = os.path.join(workdir, mode)
+        writer = MetricsWriter(out, total_steps=config.train.steps, mode=mode)
+        try:
+            if mode == "eval":
+                results = run.evaluate(
+                    step, writer, plot_dir=_fresh(os.path.join(out, "plots", f"step_{step}"))
+                )
+            elif mode == "decode":
+                path = _fresh(os.path.join(out, f"predictions_step_{step}.tsv"))
+                results = run.evaluate(
+                    step,
+                    writer,
+                    plot_dir=None,
+                    eval_config={"max_examples": 2**31 - 1, "num_plots": 0},
+                    predictions_path=path,
+                    warn_unknown_characters=True,
+                )
+                logging.info("Wrote %s", path)
+            else:
+                plot_dir = _fresh(os.path.join(out, "plots", f"step_{step}"))
+                run.evaluate(
+                    step,
+                    writer,
+                    plot_dir=plot_dir,
+                    eval_config={"max_examples": config.eval.num_plots},
+                    write_metrics=False,
+                )
+                logging.info("Plotted the attention of step %d into %s", step, plot_dir)
+                results = {}
+        finally:
+            writer.close()
+    finally:
+        run.checkpointer.close()
+    return results

@@ -339,7 +339,9 @@ def test_a_relative_workdir_through_train_kill_resume_and_every_mode(
     first = start(argv, cwd=cwd)
     wait_for(lambda: (workdir / "checkpoints" / "10").is_dir(), first)
     kill(first)
+    lines_at_kill = metric_lines(workdir)
     result = run(argv, cwd=cwd)  # Resume.
+    assert set(lines_at_kill) <= set(metric_lines(workdir))
     assert "Resumed from step" in result.stderr
     # A quiet log: attnx's own lines, no third-party INFO (Orbax, TFDS, JAX).
     assert not [

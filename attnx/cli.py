@@ -4,6 +4,8 @@
   the command line (a missing or broken experiment file, an unknown flag or
   `--config.*` key, a wrong type or choice, stray arguments) reported as one
   line, `FATAL <what> ...`, naming the flag, key or file, with no traceback.
+  The `--config.*` values are applied by `config_overrides.apply_overrides`,
+  the function a sweep uses for its trials (`config_overrides()` returns them).
 * `run(main)` runs an absl main under that parser and turns `RunError`s (a
   workdir, lock or checkpoint problem the user can fix) into the same one line.
 * `QuietThirdPartyLogs`: by default a run's log holds attnx's own lines and
@@ -19,12 +21,12 @@ import re
 import sys
 import warnings
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from absl import app, flags
 from absl import logging as absl_logging
 
-from attnx.training.errors import RunError
+from attnx.errors import RunError
 
 FLAGS = flags.FLAGS
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -92,19 +94,56 @@ def _config_file_error(message: str) -> str | None:
     return lines[-1] if lines else None
 
 
-def _unknown_config_key(argv: list[str], error: BaseException) -> str:
-    detail: object = error
-    while isinstance(detail, BaseException) and detail.args:
-        detail = detail.args[0]  # The KeyError inside the AttributeError.
-    message = one_line(detail)
-    name = re.match(r"'([^']+)'", message)
-    offending = [
-        arg
-        for arg in argv[1:]
-        if arg.startswith("--config.") and name and name.group(1) in arg.split("=")[0]
-    ]
-    where = " ".join(offending) or "a --config.* flag"
-    return f"{where}: no such config key {message}"
+def _split_config_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """argv without its `--config.KEY=VALUE` flags, and those as (flag, key, value) text.
+
+    `--config.KEY VALUE` and a bare boolean `--config.KEY` are read too.
+    """
+    rest, overrides = [], []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if index > 0 and arg.startswith("--config."):
+            key, equals, value = arg[len("--config.") :].partition("=")
+            if not equals:
+                following = argv[index + 1] if index + 1 < len(argv) else None
+                if following is not None and not following.startswith("--"):
+                    value = following
+                    index += 1
+                else:
+                    value = "true"
+            overrides.append((arg if equals else f"--config.{key}={value}", key, value))
+        else:
+            rest.append(arg)
+        index += 1
+    return rest, overrides
+
+
+_CONFIG_OVERRIDES: dict[str, Any] = {}
+
+
+def config_overrides() -> dict[str, Any]:
+    """The `--config.*` values of this command line, typed, in their order."""
+    return dict(_CONFIG_OVERRIDES)
+
+
+def _apply_config_overrides(overrides: list[tuple[str, str, str]]) -> None:
+    """Sets the command line's `--config.*` values on FLAGS.config; one line per mistake."""
+    from attnx.training.config_overrides import apply_overrides
+
+    config = FLAGS["config"].value
+    flags_of = {key: flag for flag, key, _ in overrides}
+    try:
+        applied = apply_overrides(
+            config, {key: value for _, key, value in overrides}, from_text=True
+        )
+    except ValueError as error:
+        message = str(error)
+        key = re.match(r"config\.([\w.]+)", message)
+        flag = flags_of.get(key.group(1)) if key else None
+        fatal(f"Flags parsing error: {flag + ': ' if flag else ''}{message}")
+    _CONFIG_OVERRIDES.clear()
+    _CONFIG_OVERRIDES.update(applied)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -119,11 +158,14 @@ def parse_flags(argv: list[str]) -> list[str]:
     QuietThirdPartyLogs.install()
     if not any(arg in ("--help", "--helpfull", "--helpshort", "-h", "-?") for arg in argv):
         _check_experiment_file(argv)
+    # The --config.* values are set by attnx itself (config_overrides.py), after
+    # the experiment is loaded: a new model.name must rebuild the model section
+    # before the new architecture's fields can be set.
+    argv, overrides = _split_config_overrides(argv)
+    # ml_collections reads its overrides from sys.argv itself, not from FLAGS(argv).
+    saved_argv, sys.argv = sys.argv, list(argv)
     try:
         rest = FLAGS(argv)
-    except (AttributeError, KeyError) as error:
-        # ml_collections raises an unknown --config.* key from deep inside parsing.
-        fatal(f"Flags parsing error: {_unknown_config_key(argv, error)}")
     except flags.Error as error:
         message = str(error)
         embedded = _config_file_error(message)
@@ -134,6 +176,8 @@ def parse_flags(argv: list[str]) -> list[str]:
         # An experiment file that fails while it is imported or builds its config.
         inner = _innermost(error)
         fatal(f"--config={_config_argument(argv)}: {type(inner).__name__}: {inner}")
+    finally:
+        sys.argv = saved_argv
     if "config" in FLAGS:
         config = FLAGS["config"].value
         if type(config).__name__ == "_ErrorConfig":
@@ -142,6 +186,10 @@ def parse_flags(argv: list[str]) -> list[str]:
             fatal(f"--config={_config_argument(argv)}: {type(error).__name__}: {error}")
     if len(rest) > 1:
         fatal(f"unexpected arguments {rest[1:]}: every argument is a --flag (see --helpshort)")
+    if overrides:
+        if "config" not in FLAGS:
+            fatal(f"{overrides[0][0]}: this command has no --config")
+        _apply_config_overrides(overrides)
     return rest
 
 

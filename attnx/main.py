@@ -98,7 +98,9 @@ def main(argv: list[str]) -> None:
     if FLAGS.workdir is None:
         cli.fatal(f"--workdir is required for --mode={mode}")
     # Every check on the workdir comes before any data is read or anything compiles.
-    workdir = workdir_lib.prepare_workdir(FLAGS.workdir, mode)
+    # Decoding the user's own inputs prints them and writes nothing into the workdir.
+    prints_only = mode == "decode" and config.get("decode", {}).get("input") is not None
+    workdir = workdir_lib.prepare_workdir(FLAGS.workdir, mode, writes=not prints_only)
     logging.debug("Config:\n%s", config)
     if mode == "train":
         from attnx.training.train import train_and_evaluate

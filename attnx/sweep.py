@@ -327,7 +327,7 @@ def main(argv: list[str]) -> None:
     # 'experiments/NAME.py[:ARG]' as given; FLAGS.config is its config with the
     # command line's overrides applied (a bad key or type failed already).
     config_file = config_flags.get_config_filename(FLAGS["config"])
-    common = dict(config_flags.get_override_values(FLAGS["config"]))
+    common = cli.config_overrides()
     root = FLAGS.workdir
     _check_flags(root)
     own_overrides = load_sweep(config_file)

@@ -13,7 +13,6 @@ this module and re-exports its public names; this module never imports it.
 """
 
 import copy
-import difflib
 import hashlib
 import importlib.util
 import itertools
@@ -27,12 +26,10 @@ from types import ModuleType
 from typing import Any
 
 import ml_collections
-from absl import flags
-from ml_collections import config_flags
 from ml_collections.config_flags import config_path
 
 from attnx import cli
-from attnx.training.errors import RunError
+from attnx.errors import RunError
 
 Overrides = dict[str, Any]
 
@@ -235,22 +232,6 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _dotted_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-    """Every key of `config`, sections included: ['task', 'task.dataset', ...]."""
-    keys = []
-    for key, value in config.items():
-        keys.append(prefix + key)
-        if isinstance(value, ml_collections.ConfigDict):
-            keys += _dotted_keys(value, prefix + key + ".")
-    return keys
-
-
-def _no_such_key(name: str, key: str, config: ml_collections.ConfigDict) -> SweepError:
-    close = difflib.get_close_matches(key, _dotted_keys(config), n=1, cutoff=0.8)
-    hint = f"; did you mean {' or '.join(close)}?" if close else ""
-    return SweepError(f"trial {name}: config.{key} does not exist{hint}")
-
-
 def _as_compared(value: Any) -> Any:
     # A list set through the config and a tuple parsed from the flag are the same trial.
     if isinstance(value, list | tuple):
@@ -273,25 +254,23 @@ def _check_command_line(
     an int field: `--config.train.steps=true`) would fail, or change, only once
     the trial runs. So parse the flags here as `attnx.main` will.
     """
-    argv = ["attnx.main", *override_flags(overrides)]  # check_trials checked the values
-    flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_dict(
-        "config", copy.deepcopy(config), flag_values=flag_values, sys_argv=argv
-    )
+    from attnx.training.config_overrides import apply_overrides
+
+    parsed_config = copy.deepcopy(config)
+    texts = {key: format_value(value) for key, value in overrides.items()}
     try:
-        flag_values(argv)
-    except Exception as error:  # absl's flags.Error, ml_collections' own, a parser's ValueError
+        apply_overrides(parsed_config, texts, from_text=True)
+    except ValueError as error:
         raise SweepError(
             f"trial {name}: its command line does not parse: {cli.one_line(error)}"
         ) from None
     for key, value in overrides.items():
         wanted = config_path.get_value(key, trial_config)
-        parsed = config_path.get_value(key, flag_values.config)
+        parsed = config_path.get_value(key, parsed_config)
         if _as_compared(parsed) != _as_compared(wanted):
             raise SweepError(
                 f"trial {name}: config.{key}={value!r} would reach the trial as {parsed!r} "
-                f"(--config.{key}={format_value(value)}); give a "
-                f"{type(wanted).__name__} value"
+                f"(--config.{key}={texts[key]}); give a {type(wanted).__name__} value"
             )
 
 
@@ -307,6 +286,7 @@ def check_trials(
     machine's devices (for trials launched elsewhere).
     """
     from attnx.training.config import validate
+    from attnx.training.config_overrides import apply_overrides
 
     names = []
     for index, overrides in enumerate(trials):
@@ -318,15 +298,11 @@ def check_trials(
         name = trial_name(overrides)
         trial_config = copy.deepcopy(config)
         trial_config.lock()  # an unknown key is an error, never a new field
-        for key, value in overrides.items():
-            try:
-                config_path.set_value(key, trial_config, value)
-            except (AttributeError, KeyError):
-                raise _no_such_key(name, key, config) from None
-            except (TypeError, ValueError) as error:
-                raise SweepError(
-                    f"trial {name}: config.{key}={value!r}: {cli.one_line(error)}"
-                ) from None
+        try:
+            # As `attnx.main` sets them: a new model.name first (its own fields), then the rest.
+            apply_overrides(trial_config, overrides)
+        except ValueError as error:
+            raise SweepError(f"trial {name}: {cli.one_line(error)}") from None
         _check_command_line(name, config, trial_config, overrides)
         try:
             validate(trial_config)

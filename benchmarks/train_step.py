@@ -50,7 +50,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from attnx.models import build_model, make_model_config
+from attnx.models import build_model, make_model_config, spec_of
 from attnx.training import steps
 
 PAD, EOS = 0, 2
@@ -69,7 +69,6 @@ SETTINGS = {
             pre_ln=False,
             share_embeddings=True,
             tie_output=True,
-            positions="sinusoidal",
         ),
         vocab=8000,
         source_length=64,
@@ -84,7 +83,7 @@ SETTINGS = {
             hidden_dim=256,
             bidirectional=True,
             decoder_hidden_dim=256,
-            attention="bahdanau",
+            variant="bahdanau",
             attention_dim=256,
             maxout_units=256,
         ),
@@ -170,7 +169,7 @@ def load_window(peers_dir: str):
 def time_model(name: str, args: argparse.Namespace, machine_load) -> dict:
     setting = SETTINGS[name]
     vocab = setting["vocab"]
-    captions = setting["model"]["name"] == "captioner"
+    captions = spec_of(setting["model"]["name"]).source_kind == "image"
     model_config = make_model_config(
         setting["model"], source_vocab_size=None if captions else vocab, target_vocab_size=vocab
     )

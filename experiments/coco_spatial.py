@@ -52,6 +52,7 @@ no accelerator and no COCO download on this machine.
 import ml_collections
 
 from attnx.training.config import base_config, smoke_run
+from attnx.training.config_overrides import set_model
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -63,10 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.task.image_size = (224, 224)
     config.task.caption_choice = "random"
 
-    config.model.name = "captioner"
-    config.model.preset = "coco_vgg"
-    config.model.attention = "soft"
-    config.model.dtype = "float32"
+    set_model(config, "captioner", "coco_vgg", attention={"kind": "soft"}, dtype="float32")
 
     config.train.optimizer = "adam"
     config.train.learning_rate = 2e-4

@@ -22,30 +22,38 @@ Sweep (learning-rate multiplier x model width, 6 trials, one after another):
 
   python -m attnx.sweep --config=experiments/dates_transformer.py --workdir=/tmp/dates_sweep
   python -m attnx.sweep --config=experiments/dates_transformer.py:tiny --workdir=/tmp/dates_sweep_tiny
+
+Attention as the axis (arg `axes`: the three architectures x the three
+normalizers, 9 trials, each at its 'small' size with this experiment's recipe):
+
+  python -m attnx.sweep --config=experiments/dates_transformer.py:axes --workdir=/tmp/dates_axes
+
+Any single choice from the command line, e.g. `--config.model.name=rnn` or
+`--config.model.attention.positions=rotary` (README, "Attention as an
+experiment axis").
 """
 
 import ml_collections
 
 from attnx.sweep import product
-from attnx.training.config import base_config, smoke_run
+from attnx.training.config import base_config, parse_options, smoke_run
+from attnx.training.config_overrides import set_model
 from attnx.training.optimizers import RECIPES
+
+# 'axes' chooses the sweep's trials; the config itself is the default one.
+OPTIONS = ("tiny", "axes")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    options = parse_options(arg, OPTIONS, "experiments/dates_transformer.py")
     config = base_config()
     config.task.dataset = "dates"
     config.task.tokenizer = "char"
     config.task.max_source_length = 40
     config.task.max_target_length = 12
 
-    config.model.name = "transformer"
-    config.model.d_model = 128
-    config.model.num_heads = 4
-    config.model.d_ff = 512
-    config.model.num_encoder_layers = 2
-    config.model.num_decoder_layers = 2
-    config.model.dropout_rate = 0.1
-    config.model.max_length = 64
+    # d_model 128, 4 heads, d_ff 512, 2 + 2 layers, dropout 0.1 ('small').
+    set_model(config, "transformer", "small")
 
     config.train.update(RECIPES["transformer"])
     config.train.learning_rate = 1.0
@@ -59,22 +67,34 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.every_steps = 1000
     config.eval.max_examples = 512
 
-    if arg == "tiny":
-        config.model.d_model = 32
-        config.model.num_heads = 2
-        config.model.d_ff = 64
-        config.model.num_encoder_layers = 1
-        config.model.num_decoder_layers = 1
+    if "tiny" in options:
+        set_model(
+            config,
+            "transformer",
+            "tiny",
+            d_model=32,
+            d_ff=64,
+            num_encoder_layers=1,
+            num_decoder_layers=1,
+        )
         smoke_run(config)
-    elif arg is not None:
-        raise ValueError(f"experiments/dates_transformer.py: unknown arg {arg!r}; use 'tiny'")
     return config
 
 
 def sweep(arg: str | None = None) -> list[dict]:
-    """Trials of `python -m attnx.sweep`: learning-rate multiplier x d_model; 'tiny': 2 trials."""
-    if arg == "tiny":
+    """Trials of `python -m attnx.sweep`.
+
+    Default: learning-rate multiplier x d_model (6 trials; 'tiny': 2).
+    'axes': model.name x model.attention.normalizer (9 trials; with 'tiny' too).
+    """
+    options = parse_options(arg, OPTIONS, "experiments/dates_transformer.py")
+    if "axes" in options:
+        return product(
+            {
+                "model.name": ["transformer", "rnn", "convs2s"],
+                "model.attention.normalizer": ["softmax", "sparsemax", "entmax15"],
+            }
+        )
+    if "tiny" in options:
         return product({"train.learning_rate": [0.5, 1.0]})
-    if arg is not None:
-        raise ValueError(f"experiments/dates_transformer.py: unknown arg {arg!r}; use 'tiny'")
     return product({"train.learning_rate": [0.5, 1.0, 2.0], "model.d_model": [64, 128]})

@@ -45,6 +45,7 @@ validation canvases (beam 4); 74 min with the cores shared with other runs.
 import ml_collections
 
 from attnx.training.config import base_config, parse_options, smoke_run
+from attnx.training.config_overrides import set_model
 
 OPTIONS = ("hard", "tiny")
 
@@ -56,9 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.task.tokenizer = "char"
     config.task.max_target_length = 8
 
-    config.model.name = "captioner"
-    config.model.preset = "digits_small"
-    config.model.attention = "soft"
+    set_model(config, "captioner", "digits_small", attention={"kind": "soft"})
 
     config.train.optimizer = "adam"
     config.train.learning_rate = 1e-3
@@ -76,7 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.max_examples = 512
 
     if "hard" in options:
-        config.model.attention = "hard"
+        config.model.attention.kind = "hard"
         config.model.hard_eval = "expectation"
         config.train.attention_penalty = 0.0
         config.train.reward_weight = 0.1

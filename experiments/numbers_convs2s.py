@@ -23,6 +23,7 @@ Expected: see README results table.
 import ml_collections
 
 from attnx.training.config import base_config, smoke_run
+from attnx.training.config_overrides import set_model
 from attnx.training.optimizers import RECIPES
 
 
@@ -33,14 +34,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.task.max_source_length = 80
     config.task.max_target_length = 72
 
-    config.model.name = "convs2s"
-    config.model.embed_dim = 128
-    # (channels, kernel width) per GLU block: six blocks see 13 characters,
-    # about two number words; attention covers the rest.
-    config.model.encoder_layers = ((128, 3),) * 6
-    config.model.decoder_layers = ((128, 3),) * 4
-    config.model.dropout_rate = 0.1
-    config.model.max_length = 128
+    # 'small': embeddings 128, (channels, kernel width) (128, 3) x 6 encoder and x 4
+    # decoder GLU blocks, dropout 0.1. Six blocks see 13 characters, about two
+    # number words; attention covers the rest.
+    set_model(config, "convs2s", "small")
 
     config.train.update(RECIPES["convs2s"])
     config.train.plateau_metric = "eval/perplexity"
@@ -53,9 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.max_examples = 512
 
     if arg == "tiny":
-        config.model.embed_dim = 16
-        config.model.encoder_layers = ((16, 3),) * 2
-        config.model.decoder_layers = ((16, 3),) * 2
+        set_model(config, "convs2s", "tiny")
         smoke_run(config)
         config.eval.every_steps = 10
     elif arg is not None:

@@ -22,6 +22,7 @@ Expected: see README results table.
 import ml_collections
 
 from attnx.training.config import base_config, smoke_run
+from attnx.training.config_overrides import set_model
 from attnx.training.optimizers import RECIPES
 
 
@@ -32,14 +33,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.task.max_source_length = 80
     config.task.max_target_length = 72
 
-    config.model.name = "transformer"
-    config.model.d_model = 128
-    config.model.num_heads = 4
-    config.model.d_ff = 512
-    config.model.num_encoder_layers = 3
-    config.model.num_decoder_layers = 3
-    config.model.dropout_rate = 0.1
-    config.model.max_length = 128
+    # 'small' (d_model 128, 4 heads, d_ff 512, dropout 0.1) with 3 + 3 layers.
+    set_model(config, "transformer", "small", num_encoder_layers=3, num_decoder_layers=3)
 
     config.train.update(RECIPES["transformer"])
     config.train.learning_rate = 1.0
@@ -54,11 +49,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval.max_examples = 512
 
     if arg == "tiny":
-        config.model.d_model = 32
-        config.model.num_heads = 2
-        config.model.d_ff = 64
-        config.model.num_encoder_layers = 1
-        config.model.num_decoder_layers = 1
+        set_model(
+            config,
+            "transformer",
+            "tiny",
+            d_model=32,
+            d_ff=64,
+            num_encoder_layers=1,
+            num_decoder_layers=1,
+        )
         smoke_run(config)
     elif arg is not None:
         raise ValueError(f"experiments/numbers_transformer.py: unknown arg {arg!r}; use 'tiny'")

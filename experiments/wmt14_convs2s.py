@@ -44,50 +44,38 @@ paper's tokenized BLEU.
 
 import ml_collections
 
-from attnx.training.config import base_config, smoke_run
+from attnx.training.benchmark_tasks import wmt14_smoke_run, wmt14_translation
+from attnx.training.config import base_config
+from attnx.training.config_overrides import set_model
 from attnx.training.optimizers import RECIPES
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = base_config()
-    config.task.dataset = "wmt14_translate/de-en"
-    config.task.tokenizer = "sentencepiece"
-    config.task.vocab_size = 40000
-    config.task.max_source_length = 128
-    config.task.max_target_length = 128
-    config.task.eval_split = "validation"
+    wmt14_translation(config, vocab_size=40000, max_length=128)
 
-    config.model.name = "convs2s"
-    config.model.preset = "wmt14_en_de"
-    config.model.dtype = "float32"
+    set_model(config, "convs2s", "wmt14_en_de", dtype="float32")
 
     config.train.update(RECIPES["convs2s"])
     config.train.plateau_metric = "eval/perplexity"
     config.train.label_smoothing = 0.0
     config.train.steps = 400_000
     config.train.batch_size = 64
-    config.train.log_every_steps = 100
 
     config.checkpoint.every_steps = 5000
     config.checkpoint.best_metric = "eval/perplexity"
     config.checkpoint.best_mode = "min"
 
-    config.eval.every_steps = 10_000
-    config.eval.batch_size = 64
-    config.eval.max_examples = 3003  # all of newstest2013 (3,000) or newstest2014 (3,003)
     config.eval.beam_size = 5
     config.eval.length_penalty = "power"
     config.eval.alpha = 1.0
 
     if arg == "tiny":
-        config.task.vocab_size = 1000
-        config.task.max_source_length = 32
-        config.task.max_target_length = 32
         config.model.embed_dim = 16
         config.model.encoder_layers = ((16, 3),) * 2
         config.model.decoder_layers = ((16, 3),) * 2
         config.model.decoder_out_embed_dim = 16
-        smoke_run(config)
+        wmt14_smoke_run(config)
         config.eval.every_steps = 10
     elif arg is not None:
         raise ValueError(f"experiments/wmt14_convs2s.py: unknown arg {arg!r}; use 'tiny'")

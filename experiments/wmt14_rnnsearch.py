@@ -41,50 +41,37 @@ score newstest2014. attnx's `eval/bleu` is sacrebleu on detokenised text.
 
 import ml_collections
 
-from attnx.training.config import base_config, smoke_run
+from attnx.training.benchmark_tasks import wmt14_smoke_run, wmt14_translation
+from attnx.training.config import base_config
+from attnx.training.config_overrides import set_model
 from attnx.training.optimizers import RECIPES
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = base_config()
-    config.task.dataset = "wmt14_translate/fr-en"
+    wmt14_translation(config, pair="fr-en", vocab_size=30000, max_length=80, eval_batch_size=80)
     config.task.source_key = "en"
     config.task.target_key = "fr"
-    config.task.tokenizer = "sentencepiece"
-    config.task.vocab_size = 30000
-    config.task.max_source_length = 80
-    config.task.max_target_length = 80
-    config.task.eval_split = "validation"
 
-    config.model.name = "rnn"
-    config.model.preset = "rnnsearch50"
-    config.model.dropout_rate = 0.0
-    config.model.dtype = "float32"
+    set_model(config, "rnn", "rnnsearch50", dropout_rate=0.0, dtype="float32")
 
     config.train.update(RECIPES["rnnsearch"])
     config.train.steps = 300_000
     config.train.batch_size = 80
-    config.train.log_every_steps = 100
 
     config.checkpoint.every_steps = 5000
     config.checkpoint.best_metric = "eval/bleu"
 
-    config.eval.every_steps = 10_000
-    config.eval.batch_size = 80
-    config.eval.max_examples = 3003  # all of newstest2013 (3,000) or newstest2014 (3,003)
     config.eval.beam_size = 12
     config.eval.alpha = 0.0
 
     if arg == "tiny":
-        config.task.vocab_size = 1000
-        config.task.max_source_length = 32
-        config.task.max_target_length = 32
         config.model.embed_dim = 16
         config.model.hidden_dim = 16
         config.model.decoder_hidden_dim = 16
         config.model.attention_dim = 16
         config.model.maxout_units = 8
-        smoke_run(config)
+        wmt14_smoke_run(config)
     elif arg is not None:
         raise ValueError(f"experiments/wmt14_rnnsearch.py: unknown arg {arg!r}; use 'tiny'")
     return config

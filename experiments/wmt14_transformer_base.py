@@ -45,52 +45,39 @@ tokenized BLEU.
 
 import ml_collections
 
-from attnx.training.config import base_config, smoke_run
+from attnx.training.benchmark_tasks import wmt14_smoke_run, wmt14_translation
+from attnx.training.config import base_config
+from attnx.training.config_overrides import set_model
 from attnx.training.optimizers import RECIPES
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = base_config()
-    config.task.dataset = "wmt14_translate/de-en"
-    config.task.tokenizer = "sentencepiece"
-    config.task.vocab_size = 37000
-    config.task.max_source_length = 192
-    config.task.max_target_length = 192
-    config.task.packing = True
-    config.task.eval_split = "validation"
+    wmt14_translation(config, vocab_size=37000, max_length=192, packing=True)
 
-    config.model.name = "transformer"
-    config.model.preset = "base"
-    config.model.dtype = "float32"
+    set_model(config, "transformer", "base", dtype="float32")
 
     config.train.update(RECIPES["transformer"])
     config.train.label_smoothing = 0.1
     config.train.steps = 100_000
     config.train.batch_size = 128
-    config.train.log_every_steps = 100
 
     config.checkpoint.every_steps = 1500
     config.checkpoint.keep = 5
     config.checkpoint.average_last = 5
     config.checkpoint.best_metric = "eval/bleu"
 
-    config.eval.every_steps = 10_000
-    config.eval.batch_size = 64
-    config.eval.max_examples = 3003  # all of newstest2013 (3,000) or newstest2014 (3,003)
     config.eval.beam_size = 4
     config.eval.length_penalty = "gnmt"
     config.eval.alpha = 0.6
 
     if arg == "tiny":
-        config.task.vocab_size = 1000
-        config.task.max_source_length = 32
-        config.task.max_target_length = 32
         config.model.d_model = 32
         config.model.num_heads = 2
         config.model.d_ff = 64
         config.model.num_encoder_layers = 1
         config.model.num_decoder_layers = 1
-        smoke_run(config)
+        wmt14_smoke_run(config)
         config.checkpoint.every_steps = 5
         config.checkpoint.keep = 2
         config.checkpoint.average_last = 2

@@ -7,8 +7,8 @@ The end-to-end tests run `python -m attnx.main` in subprocesses; most of
 their time is XLA compiling the same tiny models again. They share one
 persistent compilation cache, made for this test run and removed after it
 (compiled programs are the same with or without it, so no check is lost).
-The bundled `dates` data is prepared once per run and shared by the test
-files and xdist workers that need it (`dates_data_dir`).
+The bundled datasets are prepared once per run and shared by the test files
+and xdist workers that need them (`dates_data_dir`, `numbers_data_dir`).
 """
 
 import fcntl
@@ -40,9 +40,8 @@ def pytest_sessionfinish(session, exitstatus):
         shutil.rmtree(os.path.dirname(COMPILATION_CACHE), ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def dates_data_dir() -> str:
-    """The bundled `dates` task, prepared once for the whole test run."""
+def _prepared(name: str) -> str:
+    """The bundled dataset `name`, prepared once for the whole test run (all xdist workers)."""
     from attnx.data import prepare
 
     shared = os.path.join(tempfile.gettempdir(), f"attnx-tests-{_RUN}")
@@ -50,5 +49,17 @@ def dates_data_dir() -> str:
     directory = os.path.join(shared, "tfds")
     with open(os.path.join(shared, "tfds.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # One xdist worker prepares; the others wait.
-        prepare.prepare("dates", directory)
+        prepare.prepare(name, directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def dates_data_dir() -> str:
+    """A data_dir holding the bundled `dates` task."""
+    return _prepared("dates")
+
+
+@pytest.fixture(scope="session")
+def numbers_data_dir() -> str:
+    """A data_dir holding the bundled `number_words/en_de` task (and whatever else is there)."""
+    return _prepared("number_words/en_de")

@@ -55,11 +55,48 @@ CASES = {
     "no --config": (["--workdir={tmp}/run"], ["--config is required"]),
     "unknown config key": (
         [TINY, "--config.train.stepz=3", "--workdir={tmp}/run"],
-        ["--config.train.stepz=3: no such config key 'stepz'", 'Did you mean "steps"'],
+        [
+            "--config.train.stepz=3: config.train.stepz is not a config key",
+            'Did you mean "train.steps"',
+        ],
     ),
     "wrong type": (
         [TINY, "--config.train.steps=abc", "--workdir={tmp}/run"],
         ["config.train.steps", "abc"],
+    ),
+    "attention value an architecture cannot take": (
+        [TINY, "--config.model.attention.score=location", "--workdir={tmp}/run"],
+        [
+            "config.model.attention.score='location' is not available in the transformer",
+            "['scaled_dot', 'dot']",
+        ],
+    ),
+    "unknown attention key": (
+        [TINY, "--config.model.attention.norm=sparsemax", "--workdir={tmp}/run"],
+        [
+            "config.model.attention.norm is not a config key",
+            'Did you mean "model.attention.normalizer"',
+        ],
+    ),
+    "unknown attention value": (
+        [TINY, "--config.model.attention.normalizer=softermax", "--workdir={tmp}/run"],
+        ["config.model.attention.normalizer='softermax'", "'entmax15'"],
+    ),
+    "image model on a text task": (
+        [TINY, "--config.model.name=captioner", "--workdir={tmp}/run"],
+        ["config.model.name='captioner' reads image sources", "config.task.dataset='dates'"],
+    ),
+    "unknown architecture": (
+        [TINY, "--config.model.name=lstm", "--workdir={tmp}/run"],
+        ["config.model.name='lstm'", "'convs2s'"],
+    ),
+    "a field of another architecture": (
+        [TINY, "--config.model.hidden_dim=64", "--workdir={tmp}/run"],
+        ["--config.model.hidden_dim=64", "config.model.hidden_dim is not a config key"],
+    ),
+    "a model value its checks refuse": (
+        [TINY, "--config.model.num_heads=3", "--workdir={tmp}/run"],
+        ["d_model=32 is not divisible by num_heads=3"],
     ),
     "invalid value": (
         [TINY, "--config.mesh.data=3", "--workdir={tmp}/run"],

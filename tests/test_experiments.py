@@ -136,13 +136,17 @@ def test_unknown_arg_is_named(name):
 def test_dates_rnn_variants():
     module = load("dates_rnn.py")
     bahdanau = model_config(module.get_config())
-    assert (bahdanau.attention, bahdanau.cell) == ("bahdanau", "gru")
+    assert (bahdanau.variant, bahdanau.mechanism.score, bahdanau.cell) == (
+        "bahdanau",
+        "additive",
+        "gru",
+    )
     assert module.get_config().train.optimizer == "adadelta"
     luong = model_config(module.get_config("luong"))
-    assert (luong.attention, luong.luong_score, luong.input_feeding) == ("luong", "general", True)
-    assert luong.local_mode is None
+    assert (luong.variant, luong.mechanism.score, luong.input_feeding) == ("luong", "general", True)
+    assert luong.mechanism.local == "none"
     local = model_config(module.get_config("luong_local,tiny"))
-    assert (local.attention, local.local_mode) == ("luong", "local-p")
+    assert (local.variant, local.mechanism.local, local.mechanism.window) == ("luong", "local_p", 2)
     # Only the attention changes between variants.
     for key in ("cell", "hidden_dim", "embed_dim", "bidirectional"):
         assert getattr(luong, key) == getattr(bahdanau, key)
@@ -284,7 +288,7 @@ def test_summary_prints_the_parameter_table_without_data(tmp_path):
 
 def test_hard_attention_variant_and_its_settings_are_checked():
     hard = load("digits_spatial.py").get_config("hard,tiny")
-    assert hard.model.attention == "hard" and hard.train.attention_penalty == 0.0
+    assert hard.model.attention.kind == "hard" and hard.train.attention_penalty == 0.0
     assert (hard.train.reward_weight, hard.train.entropy_weight) == (0.1, 0.002)
     assert hard.train.baseline_decay == 0.9
     validate(hard)

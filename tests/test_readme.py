@@ -1,8 +1,14 @@
 """README stays true: CI runs its test command, and its code examples run."""
 
+import json
+import os
 import pathlib
 import re
+import subprocess
+import sys
+import textwrap
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -24,3 +30,69 @@ def test_ci_runs_the_readme_test_command_verbatim():
 @pytest.mark.parametrize("name", ["nnx", "linen"])
 def test_reuse_examples_run(name):
     exec(compile(_example(name), f"README:{name}", "exec"), {"__name__": "readme_example"})
+
+
+def _python(code: str, **kwargs) -> subprocess.CompletedProcess:
+    # A subprocess: the examples register a normalizer and an architecture, which
+    # must not leak into the registries that other tests of this process read.
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        timeout=600,
+        **kwargs,
+    )
+
+
+def test_a_new_normalizer_is_one_registration_away():
+    result = _python(_example("mechanism"))
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_a_new_architecture_trains_through_the_entry_point(tmp_path, dates_data_dir):
+    (tmp_path / "my_architecture.py").write_text(_example("architecture"))
+    (tmp_path / "my_experiment.py").write_text(
+        textwrap.dedent(
+            """
+            import os
+            import sys
+
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            import my_architecture  # noqa: F401  (registers 'attention_only')
+
+            from attnx.training.config import base_config, smoke_run
+            from attnx.training.config_overrides import set_model
+
+
+            def get_config(arg=None):
+                config = base_config()
+                config.task.dataset = "dates"
+                config.task.max_source_length = 40
+                config.task.max_target_length = 12
+                set_model(config, "attention_only", "tiny")
+                return smoke_run(config)
+            """
+        )
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "attnx.main",
+            f"--config={tmp_path / 'my_experiment.py'}",
+            f"--workdir={tmp_path / 'run'}",
+            f"--config.task.data_dir={dates_data_dir}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=dict(
+            os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1"
+        ),
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert rows[-1]["step"] == 20 and "eval/exact_match" in rows[-1]
+    assert np.isfinite(rows[-1]["eval/loss"])

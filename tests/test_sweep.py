@@ -449,3 +449,25 @@ def test_final_metrics_reads_only_the_training_record(tmp_path):
         "eval/exact_match": 0.5,
     }
     assert sweep.final_metrics(str(tmp_path / "no_such_trial")) == {}
+
+
+def test_a_sweep_varies_the_architecture_and_the_attention():
+    # Each trial switches model.name (every field of the new architecture, at the
+    # experiment's size) and sets an attention key; all 9 are built and validated.
+    result = run_sweep(
+        "--config=experiments/dates_transformer.py:axes,tiny",
+        "--workdir=/tmp/unused_axes_root",
+        "--run=print",
+        "--tpu_name=t",
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 9
+    for name in ("transformer", "rnn", "convs2s"):
+        for normalizer in ("softmax", "sparsemax", "entmax15"):
+            assert any(
+                f"--config.model.name={name} --config.model.attention.normalizer={normalizer}"
+                in line
+                for line in lines
+            ), (name, normalizer)

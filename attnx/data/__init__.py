@@ -1,3 +1,7 @@
-# Importing the bundled TFDS builders registers 'dates', 'number_words' and
-# 'digit_captions' with TFDS (tfds.builder / tfds.data_source find them by name).
-from attnx.data import dates, digit_captions, number_words  # noqa: F401
+"""Tasks, datasets, tokenizers and input pipelines.
+
+Importing `attnx.data` imports none of the bundled TFDS builders (`dates`,
+`number_words`, `digit_captions`, which pull in babel, num2words and
+scikit-learn): `attnx.data.prepare` imports and so registers them when a
+dataset is opened.
+"""

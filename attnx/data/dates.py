@@ -54,7 +54,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
-import hashlib
 from collections.abc import Iterator, Sequence
 
 import babel
@@ -62,6 +61,8 @@ import babel.dates
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+
+from attnx.data.splits import split_of
 
 # At least 30 locales over many scripts; the order fixes the dataset (the
 # generator draws indices into this tuple), so only append to it with a new
@@ -234,22 +235,6 @@ def _writes_year(parsed: ParsedPattern, year: int) -> bool:
     return not parsed.two_digit_year or (
         TWO_DIGIT_YEAR_CENTURY <= year < TWO_DIGIT_YEAR_CENTURY + 100
     )
-
-
-def split_of(source: str, fractions: Sequence[tuple[str, float]]) -> str:
-    """The split a source string belongs to, from a stable hash of the string.
-
-    `fractions` are (split name, fraction) pairs summing to 1. Unlike `hash()`,
-    BLAKE2b does not change between processes.
-    """
-    digest = hashlib.blake2b(source.encode("utf-8"), digest_size=8).digest()
-    position = int.from_bytes(digest, "big") / 2.0**64
-    cumulative = 0.0
-    for name, fraction in fractions:
-        cumulative += fraction
-        if position < cumulative:
-            return name
-    return fractions[-1][0]
 
 
 @dataclasses.dataclass(eq=False)

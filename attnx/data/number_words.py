@@ -39,13 +39,14 @@ generated in 8 s (digits_en) to 18 s (en_de) on a shared two-core machine
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 from num2words import num2words
+
+from attnx.data.splits import split_of
 
 MAX_DIGITS = 6
 MAX_NUMBER = 10**MAX_DIGITS - 1
@@ -65,18 +66,6 @@ def draw_number(rng: np.random.Generator) -> int:
     digits = int(rng.integers(1, MAX_DIGITS + 1))
     low = 0 if digits == 1 else 10 ** (digits - 1)
     return int(rng.integers(low, 10**digits))
-
-
-def split_of(number: int, fractions: list[tuple[str, float]]) -> str:
-    """The split a number belongs to, from a stable hash (unlike `hash()`)."""
-    digest = hashlib.blake2b(str(number).encode("ascii"), digest_size=8).digest()
-    position = int.from_bytes(digest, "big") / 2.0**64
-    cumulative = 0.0
-    for name, fraction in fractions:
-        cumulative += fraction
-        if position < cumulative:
-            return name
-    return fractions[-1][0]
 
 
 @dataclasses.dataclass(eq=False)
@@ -116,7 +105,7 @@ def draw_split_numbers(config: NumberWordsConfig) -> dict[str, list[int]]:
         if number in seen:
             continue
         seen.add(number)
-        split = split_of(number, fractions)
+        split = split_of(str(number), fractions)
         if len(numbers[split]) < quotas[split]:
             numbers[split].append(number)
             filled += 1

@@ -461,7 +461,7 @@ def make_pipeline(
     Args:
       source: random access records (`tfds.data_source(...)`, or any object
         with __len__ and __getitem__ returning dicts).
-      task: how records become inputs (`tasks.get_task`).
+      task: how records become inputs (`tasks.task_from_config`).
       tokenizer: turns the text into ids.
       max_target_length: T, the length of 'targets' rows (eos included).
       max_source_length: S, the length of 'inputs' rows (text tasks only).

@@ -1,162 +1,141 @@
-"""Tasks: how the examples of a dataset become model inputs.
+"""Tasks and datasets: `config.task` -> the task and the random-access records of a split.
 
-A dataset is named as in TFDS ('dates', 'number_words/en_de',
-'wmt14_translate/de-en', 'coco_captions', ...). Its task says which fields of a
-record hold what:
+A dataset is named by `config.task.dataset` and served by one entry of the
+registry `DATASETS` (a `kinds.DatasetKind`: which names it serves, how it
+makes its task and opens a split). The first entry whose `matches` accepts
+the task section serves it:
+
+    'files'                your TSV / JSONL / parallel text files, or a JSONL of
+                           images and captions (`files_kind`; config.task.files.*)
+    builder_module set     your own TFDS builder, imported first (`tfds_kinds`)
+    'dates', 'number_words/*', 'digit_captions'   bundled, generated offline
+    'wmt*_translate/*', 'coco_captions'           TFDS, prepared as BUILD.md shows
+    any other name         a TFDS dataset, given source_key/target_key or
+                           image_key/caption_key
+
+A new kind of dataset is one new `DatasetKind`, added with `register`.
+
+What training calls (the section is `config.task`, or any Mapping with its keys):
+
+    check_task_config(config.task)      cheap checks before anything runs (ValueError)
+    task_from_config(config.task)       the Task (ValueError naming a bad key)
+    open_split(config.task, 'train')    the records (RunError for a data problem)
+
+A task says which fields of a record hold what (`task_types`):
 
 - `TextPairTask`: text-to-text (translation, dates, number words): the source
   text and the target text.
 - `CaptionTask`: image-to-text (captioning): the image and its caption.
-
-Records come from `tfds.data_source`, whose text features come back as bytes
-(or as str under `tfds.testing.mock_data`); tasks always hand back str. A key
-may name a nested field with '/', e.g. 'captions/text' in coco_captions.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-CAPTION_CHOICES = ("single", "first", "random")
+from attnx.data import files_kind, tfds_kinds
+from attnx.data.kinds import TASK_KEYS, DatasetKind, Records, Section, dataset_name
+from attnx.data.task_types import (
+    CAPTION_CHOICES,
+    CaptionTask,
+    Task,
+    TextPairTask,
+    get_field,
+    to_text,
+)
+
+__all__ = [
+    "CAPTION_CHOICES",
+    "DATASETS",
+    "TASK_KEYS",
+    "CaptionTask",
+    "DatasetKind",
+    "Task",
+    "TextPairTask",
+    "check_task_config",
+    "get_field",
+    "get_task",
+    "open_source",
+    "open_split",
+    "register",
+    "sample_texts",
+    "task_from_config",
+    "to_text",
+]
+
 # Records read at once when sampling the text of a split.
 _READ_CHUNK = 1024
 
-
-def _field(record: Mapping[str, Any], key: str) -> Any:
-    """Returns the field `key` ('a/b' for nested) of `record`, naming it if missing."""
-    value: Any = record
-    for part in key.split("/"):
-        if not isinstance(value, Mapping) or part not in value:
-            available = sorted(value) if isinstance(value, Mapping) else type(value).__name__
-            raise KeyError(f"Record has no field {key!r} (no {part!r}; available: {available}).")
-        value = value[part]
-    return value
-
-
-def to_text(value: Any) -> str:
-    """Turns a TFDS text value (bytes, str or a 0-d numpy array of either) into str."""
-    if isinstance(value, np.ndarray) and value.ndim == 0:
-        value = value.item()
-    if isinstance(value, bytes):
-        return value.decode("utf-8")
-    if isinstance(value, str):
-        return value
-    raise TypeError(f"Expected text (bytes or str), got {type(value).__name__}: {value!r:.80}.")
+# The registry, in look-up order: named kinds first, then those that serve any
+# name (a builder module, TFDS keys).
+DATASETS: list[DatasetKind] = [
+    files_kind.FILES,
+    tfds_kinds.USER_BUILDER,
+    tfds_kinds.DATES,
+    tfds_kinds.NUMBER_WORDS,
+    tfds_kinds.DIGIT_CAPTIONS,
+    tfds_kinds.WMT,
+    tfds_kinds.COCO_CAPTIONS,
+    tfds_kinds.ANY_TFDS,
+]
 
 
-def _check_keys(record: Mapping[str, Any], keys: Sequence[str], dataset: str) -> None:
-    for key in keys:
-        try:
-            _field(record, key)
-        except KeyError as error:
-            raise KeyError(f"Dataset {dataset!r}: {error.args[0]}") from None
+def register(kind: DatasetKind) -> None:
+    """Adds a kind of dataset, looked up before the kinds that serve any TFDS name."""
+    DATASETS.insert(DATASETS.index(tfds_kinds.ANY_TFDS), kind)
 
 
-@dataclasses.dataclass(frozen=True)
-class TextPairTask:
-    """Text in, text out.
+def find_kind(section: Section) -> DatasetKind:
+    """The registry entry that serves `config.task`.
 
-    Attributes:
-      dataset: the TFDS name, e.g. 'wmt14_translate/de-en'.
-      source_key: field of the source text.
-      target_key: field of the target text.
+    Raises:
+      ValueError: for a dataset no entry serves, naming it and every known kind.
     """
-
-    dataset: str
-    source_key: str
-    target_key: str
-
-    def check_record(self, record: Mapping[str, Any]) -> None:
-        """Raises a KeyError naming the field if `record` lacks one the task reads."""
-        _check_keys(record, (self.source_key, self.target_key), self.dataset)
-
-    def source_text(self, record: Mapping[str, Any]) -> str:
-        return to_text(_field(record, self.source_key))
-
-    def target_text(self, record: Mapping[str, Any]) -> str:
-        return to_text(_field(record, self.target_key))
-
-    def texts(self, record: Mapping[str, Any]) -> list[str]:
-        """All text of a record, for building a shared vocabulary."""
-        return [self.source_text(record), self.target_text(record)]
-
-    def references(self, record: Mapping[str, Any]) -> list[str]:
-        """The reference translations a hypothesis is scored against: the target text."""
-        return [self.target_text(record)]
+    for kind in DATASETS:
+        if kind.matches(section):
+            return kind
+    known = "; ".join(kind.name for kind in DATASETS)
+    raise ValueError(f"Unknown dataset {dataset_name(section)!r}: attnx knows {known}.")
 
 
-@dataclasses.dataclass(frozen=True)
-class CaptionTask:
-    """Image in, text out.
+def task_from_config(task_section: Section) -> Task:
+    """The task of `config.task`: which record fields hold the source and the target.
 
-    Attributes:
-      dataset: the TFDS name, e.g. 'coco_captions'.
-      image_key: field of the image, uint8 [height, width, channels].
-      caption_key: field of the caption: one text ('single'), or a list of
-        texts of which one is used ('first', or 'random': a different one,
-        drawn with the pipeline's seed, for each example and epoch).
-      caption_choice: 'single', 'first' or 'random'.
+    Raises:
+      ValueError: naming the dataset and the config.task key that is wrong.
     """
-
-    dataset: str
-    image_key: str
-    caption_key: str
-    caption_choice: str = "single"
-
-    def __post_init__(self):
-        if self.caption_choice not in CAPTION_CHOICES:
-            raise ValueError(
-                f"Dataset {self.dataset!r}: caption_choice={self.caption_choice!r}, "
-                f"expected one of {CAPTION_CHOICES}."
-            )
-
-    def check_record(self, record: Mapping[str, Any]) -> None:
-        """Raises a KeyError naming the field if `record` lacks one the task reads."""
-        _check_keys(record, (self.image_key, self.caption_key), self.dataset)
-        image = np.asarray(_field(record, self.image_key))
-        if image.ndim != 3:
-            raise ValueError(
-                f"Dataset {self.dataset!r}: field {self.image_key!r} has shape {image.shape}, "
-                "expected an image [height, width, channels]."
-            )
-
-    def image(self, record: Mapping[str, Any]) -> np.ndarray:
-        """The image, uint8 [height, width, channels]."""
-        return np.asarray(_field(record, self.image_key))
-
-    def captions(self, record: Mapping[str, Any]) -> list[str]:
-        """Every caption of the record."""
-        value = _field(record, self.caption_key)
-        if self.caption_choice == "single":
-            return [to_text(value)]
-        captions = [to_text(v) for v in value]
-        if not captions:
-            raise ValueError(f"Dataset {self.dataset!r}: a record has no caption.")
-        return captions
-
-    def caption(self, record: Mapping[str, Any], rng: np.random.Generator | None = None) -> str:
-        """The caption used as target; `rng` draws it when caption_choice='random'."""
-        captions = self.captions(record)
-        if self.caption_choice == "random":
-            if rng is None:
-                raise ValueError("caption_choice='random' needs a random generator.")
-            return captions[int(rng.integers(len(captions)))]
-        return captions[0]
-
-    def texts(self, record: Mapping[str, Any]) -> list[str]:
-        """All text of a record, for building the vocabulary."""
-        return self.captions(record)
-
-    def references(self, record: Mapping[str, Any]) -> list[str]:
-        """The references a generated caption is scored against: every caption."""
-        return self.captions(record)
+    return find_kind(task_section).make_task(task_section)
 
 
-Task = TextPairTask | CaptionTask
+def check_task_config(task_section: Section) -> None:
+    """Checks `config.task` before anything runs: the dataset is known, its keys fit.
+
+    Cheap: reads no data. For `files` it checks that the files of every split
+    that is set exist (globs match); for a builder module, that it imports and
+    defines the dataset.
+
+    Raises:
+      ValueError: naming the config.task key that is wrong.
+    """
+    kind = find_kind(task_section)
+    kind.make_task(task_section)
+    kind.check(task_section)
+
+
+def open_split(task_section: Section, split: str) -> Records:
+    """The random-access records of `split` ('train', 'validation', 'test') of `config.task`.
+
+    Any of them goes through `attnx.data.pipeline.make_pipeline`. TFDS
+    datasets are read from their ArrayRecord files (a bundled dataset is
+    generated offline on first use); `files` are read whole into memory.
+
+    Raises:
+      RunError: for a problem the user fixes in the data or its preparation
+        (an unknown split, a missing or bad file: `FILE:LINE: ...`).
+    """
+    return find_kind(task_section).open_split(task_section, split)
 
 
 def get_task(
@@ -168,7 +147,7 @@ def get_task(
     caption_key: str | None = None,
     caption_choice: str | None = None,
 ) -> Task:
-    """Returns the task of `dataset`, with keys from the arguments where given.
+    """`task_from_config` of a TFDS dataset named with its keys (no config at hand).
 
     Known datasets need no keys: 'dates', 'number_words/*' ('source' ->
     'target'); 'wmt*_translate/xx-yy' (English -> the other language unless
@@ -176,95 +155,20 @@ def get_task(
     'caption'); 'coco_captions' ('image' -> the first of 'captions/text').
     Any other TFDS dataset needs source_key and target_key, or image_key and
     caption_key.
-
-    Raises:
-      ValueError: naming the dataset, when its keys are unknown or mixed.
     """
-    base, _, config = dataset.partition("/")
-    text_keys = source_key is not None or target_key is not None
-    image_keys = image_key is not None or caption_key is not None
-    if text_keys and image_keys:
-        raise ValueError(
-            f"Dataset {dataset!r}: give source_key/target_key (text to text) or "
-            "image_key/caption_key (image to text), not both."
-        )
-    if caption_choice is not None and text_keys:
-        raise ValueError(f"Dataset {dataset!r}: caption_choice applies only to captioning.")
-    text_dataset = base in ("dates", "number_words") or (
-        base.startswith("wmt") and base.endswith("_translate")
+    keys = dict(
+        source_key=source_key,
+        target_key=target_key,
+        image_key=image_key,
+        caption_key=caption_key,
+        caption_choice=caption_choice,
     )
-    image_dataset = base in ("digit_captions", "coco_captions")
-    if text_dataset and (image_keys or caption_choice is not None):
-        raise ValueError(
-            f"Dataset {dataset!r} is text to text: image_key, caption_key and "
-            "caption_choice do not apply."
-        )
-    if image_dataset and text_keys:
-        raise ValueError(
-            f"Dataset {dataset!r} is image to text: source_key and target_key do not apply."
-        )
-
-    if base in ("dates", "number_words"):
-        return TextPairTask(dataset, source_key or "source", target_key or "target")
-    if base.startswith("wmt") and base.endswith("_translate"):
-        languages = config.split("-") if config else []
-        if len(languages) != 2:
-            if source_key is None or target_key is None:
-                raise ValueError(
-                    f"Dataset {dataset!r}: name a language pair config (e.g. "
-                    f"'{base}/de-en') or give source_key and target_key."
-                )
-            languages = [source_key, target_key]
-        for role, key in (("source_key", source_key), ("target_key", target_key)):
-            if key is not None and key not in languages:
-                raise ValueError(
-                    f"Dataset {dataset!r}: {role}={key!r} is not one of its languages {languages}."
-                )
-        if source_key is None and target_key is None:
-            # Translation out of English is the usual benchmark direction (en->de, en->fr).
-            source_key = "en" if "en" in languages else languages[0]
-        other = {languages[0]: languages[1], languages[1]: languages[0]}
-        source = source_key or other[target_key]
-        target = target_key or other[source]
-        if source == target:
-            raise ValueError(f"Dataset {dataset!r}: source and target are both {source!r}.")
-        return TextPairTask(dataset, source, target)
-    if base == "digit_captions":
-        return CaptionTask(
-            dataset, image_key or "image", caption_key or "caption", caption_choice or "single"
-        )
-    if base == "coco_captions":
-        return CaptionTask(
-            dataset, image_key or "image", caption_key or "captions/text", caption_choice or "first"
-        )
-    if source_key is not None and target_key is not None:
-        return TextPairTask(dataset, source_key, target_key)
-    if image_key is not None and caption_key is not None:
-        return CaptionTask(dataset, image_key, caption_key, caption_choice or "single")
-    raise ValueError(
-        f"Unknown dataset {dataset!r}: attnx knows 'dates', 'number_words/*', "
-        "'wmt*_translate/*', 'digit_captions' and 'coco_captions'; for any other TFDS "
-        "dataset give source_key and target_key, or image_key and caption_key."
-    )
+    return task_from_config({"dataset": dataset, **keys})
 
 
-def open_source(name: str, split: str, data_dir: str | None = None) -> Sequence[Mapping[str, Any]]:
-    """Returns the random-access source (`tfds.data_source`) of `split` of dataset `name`.
-
-    One code path for every dataset (`attnx.data.prepare.load_source`): a
-    bundled dataset is generated offline on first use; any other TFDS dataset
-    is read from its ArrayRecord files in `data_dir` (prepared as BUILD.md
-    shows; TFDS downloads it if missing, which needs network access). A
-    dataset whose TFDS builder needs TensorFlow, such as 'coco_captions', is
-    prepared on a machine with TensorFlow and copied into `data_dir`.
-    Raises a ValueError naming an unknown dataset, config or split, and a
-    FileNotFoundError saying how to prepare a dataset that needs TensorFlow.
-    """
-    # Imported here: the bundled builders pull in babel, num2words and
-    # scikit-learn, which the rest of this module does not need.
-    from attnx.data import prepare
-
-    return prepare.load_source(name, split, data_dir)
+def open_source(name: str, split: str, data_dir: str | None = None) -> Records:
+    """`open_split` of a TFDS dataset named `name` in `data_dir` (no config at hand)."""
+    return open_split({"dataset": name, "data_dir": data_dir}, split)
 
 
 def sample_texts(

@@ -2,8 +2,9 @@
 
 Functional core (any JAX code can call these):
   attention, masks (padding_mask, causal_mask, segment_mask, local_window_mask,
-  combine_masks, mask_to_bias), normalizers (softmax, sparsemax, entmax15),
-  scores (dot, scaled dot, general, additive, location).
+  combine_masks, mask_to_bias; MaskSpec, a mask described rather than built),
+  normalizers (softmax, sparsemax, entmax15), scores (dot, scaled dot, general,
+  additive, location).
 
 NNX modules (parameters with logical axis names; `sow_weights=True` sows
 attention weights into `nnx.Intermediate`, collected with `nnx.capture`):
@@ -15,9 +16,11 @@ attention weights into `nnx.Intermediate`, collected with `nnx.capture`):
 Linen adapters of every module live in `attnx.linen`.
 """
 
-from attnx.layers.attention import IMPLEMENTATIONS, MaskSpec, attention, select_implementation
+from attnx.layers.attention import IMPLEMENTATIONS, attention, select_implementation
+from attnx.layers.attention_memory import AttentionMemory
 from attnx.layers.luong_attention import LocalAttention, LuongAttention
 from attnx.layers.masks import (
+    MaskSpec,
     causal_mask,
     combine_masks,
     local_window_mask,
@@ -36,7 +39,7 @@ from attnx.layers.positions import (
     relative_position_bucket,
     sinusoidal_positions,
 )
-from attnx.layers.recurrent_attention import AdditiveAttention, AttentionMemory
+from attnx.layers.recurrent_attention import AdditiveAttention
 from attnx.layers.scores import (
     additive_scores,
     dot_scores,
@@ -44,13 +47,7 @@ from attnx.layers.scores import (
     location_scores,
     scaled_dot_scores,
 )
-from attnx.layers.spatial import (
-    SpatialAttention,
-    SpatialMemory,
-    doubly_stochastic_penalty,
-    location_entropy,
-    sample_location,
-)
+from attnx.layers.spatial import SpatialAttention, SpatialMemory, sample_location
 
 # The NNX modules that attnx.linen adapts.
 PUBLIC_MODULES = (

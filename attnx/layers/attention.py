@@ -15,9 +15,10 @@ Masks are boolean (True = may attend) and broadcast to
 `[batch, num_heads, q_length, kv_length]`. Besides a dense `mask`, three
 structured masks can be given by description (`is_causal`, `segment_ids`,
 `local_window`): the memory-efficient implementations build them block by
-block instead of materialising a `[q_length, kv_length]` array. All given
-masks are combined with AND. A query row with no allowed key returns a zero
-output and zero weights on every implementation.
+block instead of materialising a `[q_length, kv_length]` array (all of them
+travel as one `attnx.layers.masks.MaskSpec`). All given masks are combined
+with AND. A query row with no allowed key returns a zero output and zero
+weights on every implementation.
 
 Implementations:
   'reference'  einsum + normalizer; the only one that returns weights or
@@ -29,7 +30,6 @@ Implementations:
   None         picks one for the backend and the arguments.
 """
 
-import dataclasses
 import math
 from collections.abc import Callable
 
@@ -37,78 +37,13 @@ import jax
 import jax.numpy as jnp
 
 from attnx.layers import masks as masks_lib
+from attnx.layers.chunked import chunked_attention
+from attnx.layers.masks import MaskSpec
 from attnx.layers.normalizers import Normalizer, get_normalizer
 
 Array = jax.Array
 
 IMPLEMENTATIONS = ("reference", "xla", "cudnn", "chunked", "splash")
-
-
-@dataclasses.dataclass(frozen=True)
-class MaskSpec:
-    """Everything that restricts which keys a query may attend, undigested.
-
-    Attributes:
-      dense: boolean array broadcastable to `[batch, heads, q_length, kv_length]`, or None.
-      is_causal: query i sees keys j <= i (top-left aligned, as in jax).
-      q_segment_ids / kv_segment_ids: `[batch, length]` ids of packed sequences
-        (0 = padding), or None.
-      local_window: `(left, right)`: query i sees keys in `[i - left, i + right]`, or None.
-    """
-
-    dense: Array | None = None
-    is_causal: bool = False
-    q_segment_ids: Array | None = None
-    kv_segment_ids: Array | None = None
-    local_window: tuple[int, int] | None = None
-
-    @property
-    def is_empty(self) -> bool:
-        return (
-            self.dense is None
-            and not self.is_causal
-            and self.q_segment_ids is None
-            and self.local_window is None
-        )
-
-    def materialize(self, q_length: int, kv_length: int) -> Array | None:
-        """The combined boolean mask, `[batch|1, heads|1, q_length, kv_length]`, or None."""
-        parts = [self.dense]
-        if self.is_causal:
-            parts.append(masks_lib.causal_mask(q_length, kv_length))
-        if self.q_segment_ids is not None:
-            parts.append(masks_lib.segment_mask(self.q_segment_ids, self.kv_segment_ids))
-        if self.local_window is not None:
-            parts.append(masks_lib.local_window_mask(q_length, kv_length, self.local_window))
-        return masks_lib.combine_masks(*parts)
-
-    def block(
-        self, q_start: Array | int, q_size: int, k_start: Array | int, k_size: int
-    ) -> Array | None:
-        """The combined mask of one `[q_size, k_size]` block, starting at the given offsets.
-
-        Used by the chunked implementation so that the full mask is never built.
-        """
-        parts = []
-        q_pos = q_start + jnp.arange(q_size)[:, None]
-        k_pos = k_start + jnp.arange(k_size)[None, :]
-        if self.is_causal:
-            parts.append((k_pos <= q_pos)[None, None])
-        if self.local_window is not None:
-            left, right = self.local_window
-            parts.append(((k_pos >= q_pos - left) & (k_pos <= q_pos + right))[None, None])
-        if self.q_segment_ids is not None:
-            q_seg = jax.lax.dynamic_slice_in_dim(self.q_segment_ids, q_start, q_size, axis=1)
-            kv_seg = jax.lax.dynamic_slice_in_dim(self.kv_segment_ids, k_start, k_size, axis=1)
-            parts.append(masks_lib.segment_mask(q_seg, kv_seg))
-        if self.dense is not None:
-            dense = self.dense
-            if dense.shape[-2] != 1:
-                dense = jax.lax.dynamic_slice_in_dim(dense, q_start, q_size, axis=-2)
-            if dense.shape[-1] != 1:
-                dense = jax.lax.dynamic_slice_in_dim(dense, k_start, k_size, axis=-1)
-            parts.append(dense)
-        return masks_lib.combine_masks(*parts)
 
 
 def _check_shapes(query: Array, key: Array, value: Array) -> None:
@@ -399,8 +334,6 @@ def attention(
             query, key, value, spec=spec, bias=bias, scale=scale, implementation=implementation
         )
     if implementation == "chunked":
-        from attnx.layers.chunked import chunked_attention
-
         return chunked_attention(
             query,
             key,
@@ -411,6 +344,7 @@ def attention(
             dropout_rate=dropout_rate,
             dropout_rng=dropout_rng,
         )
+    # Imported on first use: it loads Pallas and its TPU kernels.
     from attnx.layers.splash import splash_attention
 
     if spec.dense is not None or bias is not None or dropout_rate > 0.0:

@@ -19,9 +19,9 @@ AND backward (a `jax.custom_vjp`; plain autodiff of the loops would store every
 block's weights). Only a dense mask or bias given by the caller is, naturally,
 as large as it is (and a full-size bias gets a full-size gradient).
 
-Masks are built block by block from the `MaskSpec` (causal, local window,
-segment ids, slices of a dense mask); blocks that the causal / local structure
-rules out entirely are not visited at all. Bias is sliced per block and gets
+Masks are built block by block from the `attnx.layers.masks.MaskSpec` (causal,
+local window, segment ids, slices of a dense mask); blocks that the causal /
+local structure rules out entirely are not visited at all. Bias is sliced per block and gets
 a gradient (relative position biases are learned). Dropout is applied to the
 normalised weights in the accumulator's numerator only, with the keep-mask of
 block (i, j) drawn from `fold_in(fold_in(rng, i), j)` so the backward pass can
@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from attnx.layers.attention import MaskSpec
+from attnx.layers.masks import MaskSpec
 
 Array = jax.Array
 

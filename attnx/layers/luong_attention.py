@@ -23,7 +23,7 @@ h~_t = tanh(W_c [c_t; h_t]) (eq. 5) belongs to the decoder, which feeds it
 to the softmax and, with input feeding, to the next step; the modules offer
 it as `attentional_hidden` when built with `output_projection=True`.
 
-Shapes, memory preparation and masking follow `attnx.layers.recurrent_attention`:
+Shapes, memory preparation and masking follow `attnx.layers.attention_memory`:
 `prepare_memory(keys, values=None, mask=None)` once per source, then
 `__call__(query, memory)` with query `[batch, query_dim]` (one step) or
 `[batch, q_length, query_dim]` (a sequence).
@@ -39,9 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from attnx.layers.normalizers import Normalizer, get_normalizer
-from attnx.layers.params import Initializer, param
-from attnx.layers.recurrent_attention import (
+from attnx.layers.attention_memory import (
     AttentionMemory,
     check_memory_inputs,
     normalize_scores,
@@ -49,6 +47,8 @@ from attnx.layers.recurrent_attention import (
     scoring_vector_init,
     weighted_sum,
 )
+from attnx.layers.normalizers import Normalizer, get_normalizer
+from attnx.layers.params import Initializer, param
 from attnx.layers.scores import additive_scores, dot_scores, location_scores
 
 Array = jax.Array

@@ -1,10 +1,18 @@
-"""Boolean attention masks (True = may attend).
+"""Boolean attention masks (True = may attend), built whole or described.
 
 Every mask here broadcasts to `[batch, heads, q_length, kv_length]`, the layout
 of `jax.nn.dot_product_attention`. Masks are combined with logical AND
 (`combine_masks`) and turned into additive biases with `mask_to_bias` for code
 that wants one.
+
+`MaskSpec` describes a mask instead of holding it (a dense part plus causal,
+packed-segment and local-window structure): `attnx.layers.attention` builds
+one from its arguments, and each implementation either materialises it whole
+(`MaskSpec.materialize`) or one block at a time (`MaskSpec.block`, used by
+`attnx.layers.chunked` and `attnx.layers.splash`).
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -131,3 +139,71 @@ def mask_to_bias(mask: Array, dtype: jnp.dtype = jnp.float32) -> Array:
     """
     big_negative = jnp.asarray(jnp.finfo(dtype).min / 4, dtype)
     return jnp.where(mask, jnp.asarray(0.0, dtype), big_negative)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+    """Everything that restricts which keys a query may attend, undigested.
+
+    Attributes:
+      dense: boolean array broadcastable to `[batch, heads, q_length, kv_length]`, or None.
+      is_causal: query i sees keys j <= i (top-left aligned, as in jax).
+      q_segment_ids / kv_segment_ids: `[batch, length]` ids of packed sequences
+        (0 = padding), or None.
+      local_window: `(left, right)`: query i sees keys in `[i - left, i + right]`, or None.
+    """
+
+    dense: Array | None = None
+    is_causal: bool = False
+    q_segment_ids: Array | None = None
+    kv_segment_ids: Array | None = None
+    local_window: tuple[int, int] | None = None
+
+    @property
+    def is_empty(self) -> bool:
+        return (
+            self.dense is None
+            and not self.is_causal
+            and self.q_segment_ids is None
+            and self.local_window is None
+        )
+
+    def materialize(self, q_length: int, kv_length: int) -> Array | None:
+        """The combined boolean mask, `[batch|1, heads|1, q_length, kv_length]`, or None."""
+        parts = [self.dense]
+        if self.is_causal:
+            parts.append(causal_mask(q_length, kv_length))
+        if self.q_segment_ids is not None:
+            parts.append(segment_mask(self.q_segment_ids, self.kv_segment_ids))
+        if self.local_window is not None:
+            parts.append(local_window_mask(q_length, kv_length, self.local_window))
+        return combine_masks(*parts)
+
+    def block(
+        self, q_start: Array | int, q_size: int, k_start: Array | int, k_size: int
+    ) -> Array | None:
+        """The combined mask of one `[q_size, k_size]` block, starting at the given offsets.
+
+        Used by the chunked and splash implementations so that the full mask is never
+        built.
+        """
+        parts = []
+        q_pos = q_start + jnp.arange(q_size)[:, None]
+        k_pos = k_start + jnp.arange(k_size)[None, :]
+        if self.is_causal:
+            parts.append((k_pos <= q_pos)[None, None])
+        if self.local_window is not None:
+            left, right = self.local_window
+            parts.append(((k_pos >= q_pos - left) & (k_pos <= q_pos + right))[None, None])
+        if self.q_segment_ids is not None:
+            q_seg = jax.lax.dynamic_slice_in_dim(self.q_segment_ids, q_start, q_size, axis=1)
+            kv_seg = jax.lax.dynamic_slice_in_dim(self.kv_segment_ids, k_start, k_size, axis=1)
+            parts.append(segment_mask(q_seg, kv_seg))
+        if self.dense is not None:
+            dense = self.dense
+            if dense.shape[-2] != 1:
+                dense = jax.lax.dynamic_slice_in_dim(dense, q_start, q_size, axis=-2)
+            if dense.shape[-1] != 1:
+                dense = jax.lax.dynamic_slice_in_dim(dense, k_start, k_size, axis=-1)
+            parts.append(dense)
+        return combine_masks(*parts)

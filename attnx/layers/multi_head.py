@@ -36,8 +36,13 @@ class MultiHeadAttention(nnx.Module):
       num_kv_heads: key/value heads (divides `num_heads`); defaults to `num_heads`.
       dropout_rate: dropout on the attention weights (active unless `deterministic`).
       use_bias: biases on the four projections (the paper's count has them).
-      implementation: passed to `attnx.layers.attention` (None = automatic).
+      implementation: passed to `attnx.layers.attention` (None = automatic) on
+        calls that do not ask for the weights; a call that does, and a decode
+        step through the cache (a dense offset mask), use the automatic choice,
+        which computes the weights ('reference') or takes the mask.
       normalizer: 'softmax', 'sparsemax' or 'entmax15'.
+      scale: multiplies `q . k` before normalizing; default `1 / sqrt(head_dim)`
+        (eq. 1 of Vaswani et al.); 1.0 is the unscaled dot product.
       rotary_base: if set, rotary position embeddings with this base on queries and keys.
       sow_weights: sow the attention weights into `nnx.Intermediate` as
         'attention_weights' on every call.
@@ -57,6 +62,7 @@ class MultiHeadAttention(nnx.Module):
         use_bias: bool = True,
         implementation: str | None = None,
         normalizer: str = "softmax",
+        scale: float | None = None,
         rotary_base: float | None = None,
         sow_weights: bool = False,
         dtype: jnp.dtype = jnp.float32,
@@ -90,6 +96,7 @@ class MultiHeadAttention(nnx.Module):
         self.dropout_rate = dropout_rate
         self.implementation = implementation
         self.normalizer = normalizer
+        self.scale = scale
         self.rotary_base = rotary_base
         self.sow_weights = sow_weights
         self.deterministic = False
@@ -190,6 +197,7 @@ class MultiHeadAttention(nnx.Module):
         is_causal: bool = False,
         segment_ids: Array | tuple[Array, Array] | None = None,
         positions: Array | None = None,
+        local_window: int | tuple[int, int] | None = None,
         decode: bool = False,
         return_weights: bool = False,
         deterministic: bool | None = None,
@@ -207,6 +215,9 @@ class MultiHeadAttention(nnx.Module):
           segment_ids: packed-sequence ids, see `attnx.layers.attention`.
           positions: `[batch, q_length]` token positions for rotary embeddings
             (default: 0.. in training, the cache index onwards when decoding).
+          local_window: `D` or `(left, right)`: query i attends keys in
+            `[i - left, i + right]` only (with `decode=True`, i is the token's
+            position in the cache).
           decode: self-attention through the cache: the `q_length` new tokens
             are written at the cache index and attend every cached token up to
             their own position. `init_cache` must have been called.
@@ -250,9 +261,13 @@ class MultiHeadAttention(nnx.Module):
             key, value = cached_key, cached_value
             # New token i sits at absolute position index + i: it sees the cache up to there.
             mask = masks_lib.combine_masks(
-                mask, masks_lib.causal_mask(q_length, key.shape[1], offset=index)
+                mask,
+                masks_lib.causal_mask(q_length, key.shape[1], offset=index),
+                None
+                if local_window is None
+                else masks_lib.local_window_mask(q_length, key.shape[1], local_window, index),
             )
-            is_causal = False
+            is_causal, local_window = False, None
         elif self.rotary_base is not None:
             if inputs_kv is not None or projected_kv is not None:
                 raise ValueError("MultiHeadAttention: rotary positions are for self-attention")
@@ -262,6 +277,7 @@ class MultiHeadAttention(nnx.Module):
 
         want_weights = return_weights or self.sow_weights
         dropout_rate = 0.0 if deterministic else self.dropout_rate
+        implementation = None if want_weights or decode else self.implementation
         result = attention(
             query,
             key,
@@ -270,10 +286,12 @@ class MultiHeadAttention(nnx.Module):
             bias=bias,
             is_causal=is_causal,
             segment_ids=segment_ids,
+            local_window=local_window,
+            scale=self.scale,
             normalizer=self.normalizer,
             dropout_rate=dropout_rate,
             dropout_rng=self.rngs() if dropout_rate > 0 else None,
-            implementation=self.implementation,
+            implementation=implementation,
             return_weights=want_weights,
         )
         context, weights = result if want_weights else (result, None)

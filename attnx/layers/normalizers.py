@@ -143,6 +143,25 @@ NORMALIZERS: dict[str, Normalizer] = {
 }
 
 
+def register_normalizer(name: str, normalizer: Normalizer) -> None:
+    """Adds `normalizer` under `name`: `config.model.attention.normalizer=name` then
+    selects it in every architecture (as `'sparsemax'` does: with the weights computed
+    by the 'reference' implementation).
+
+    Args:
+      name: a new name.
+      normalizer: `(scores [..., kv_length], mask broadcastable or None) -> weights`,
+        each row summing to 1 over its allowed keys, and all-zero (never NaN) on a
+        row with no allowed key.
+
+    Raises:
+      ValueError: `name` is taken.
+    """
+    if name in NORMALIZERS:
+        raise ValueError(f"register_normalizer: {name!r} is taken; choose another name")
+    NORMALIZERS[name] = normalizer
+
+
 def get_normalizer(normalizer: str | Normalizer) -> Normalizer:
     """Looks a normalizer up by name; a callable is returned unchanged."""
     if callable(normalizer):

@@ -7,12 +7,18 @@ mesh. Eager sharding is off because the names are logical, not mesh axes.
 """
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 Initializer = Callable[..., jax.Array]
+
+
+def logical_axes(*axes: str | None) -> dict[str, Any]:
+    """Variable metadata giving a parameter logical axis names (the *_metadata of nnx.Linear/Embed/LayerNorm)."""
+    return {"out_sharding": tuple(axes), "eager_sharding": False}
 
 
 def param(
@@ -34,4 +40,4 @@ def param(
     if len(axes) != len(shape):
         raise ValueError(f"param: {len(axes)} axis names {tuple(axes)} for shape {tuple(shape)}")
     value = initializer(rngs.params(), tuple(shape), dtype)
-    return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
+    return nnx.Param(value, **logical_axes(*axes))

@@ -10,9 +10,10 @@ every step t an LSTM decoder with previous state h_{t-1} picks where to look:
 
 (soft, "deterministic" attention, sec. 4.2). The paper only calls f_att a
 multilayer perceptron; the additive form with the bias b is the authors'
-released code. `doubly_stochastic_penalty` is the regulariser of eq. 14;
-`sample_location` and `location_entropy` serve hard ("stochastic")
-attention trained with REINFORCE (sec. 4.1, eq. 11-12).
+released code. `sample_location` draws the one location that hard
+("stochastic") attention looks at (sec. 4.1). The training objectives (the
+doubly stochastic regulariser of eq. 14, REINFORCE with its location entropy,
+eq. 11-12) are losses, not layers: they live in `attnx.models.caption_losses`.
 
 The feature-side projection W_a a_i + b does not depend on t: `prepare_features`
 computes it once and returns a `SpatialMemory` pytree; the per-step call only
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from attnx.layers.attention_memory import scoring_vector_init
 from attnx.layers.normalizers import Normalizer, get_normalizer
 from attnx.layers.params import Initializer, param
 
@@ -58,11 +60,6 @@ class SpatialMemory:
                 f"grid is {height} x {width}"
             )
         return weights.reshape(*weights.shape[:-1], height, width)
-
-
-def _vector_init(key: Array, shape: tuple[int, ...], dtype: jnp.dtype = jnp.float32) -> Array:
-    """N(0, 1/n) for the scoring vector v of n entries."""
-    return jax.random.normal(key, shape, dtype) / jnp.sqrt(jnp.asarray(shape[-1], dtype))
 
 
 class SpatialAttention(nnx.Module):
@@ -135,10 +132,10 @@ class SpatialAttention(nnx.Module):
             if use_bias
             else nnx.data(None)
         )
-        self.v = param(rngs, _vector_init, (attention_dim,), ("mlp",), param_dtype)
+        self.v = param(rngs, scoring_vector_init, (attention_dim,), ("mlp",), param_dtype)
         if gate:
             self.gate_kernel = param(
-                rngs, _vector_init, (hidden_dim,), ("rnn_hidden",), param_dtype
+                rngs, scoring_vector_init, (hidden_dim,), ("rnn_hidden",), param_dtype
             )
             self.gate_bias = param(rngs, zeros, (), (), param_dtype)
         else:
@@ -222,64 +219,6 @@ class SpatialAttention(nnx.Module):
         return (context, weights) if return_weights else context
 
 
-def doubly_stochastic_penalty(
-    weights: Array,
-    caption_mask: Array | None = None,
-    lam: float = 1.0,
-    location_mask: Array | None = None,
-) -> Array:
-    """Doubly stochastic attention regulariser (Xu et al. 2015, eq. 14).
-
-      lambda * sum_i (1 - sum_t alpha_ti)^2
-
-    pushes the model to look at every location about once over the caption.
-    Only real caption steps enter the sum over t; with `location_mask`, only
-    real locations enter the sum over i (a padded location always has weight
-    0 and would add a constant). The per-example penalties are averaged over
-    the examples that have at least one real caption step (a wholly padded
-    example, e.g. filler in the last batch, adds nothing). Add it to the
-    *mean* per-example negative log-likelihood; to match eq. 14 exactly with a
-    per-token loss, rescale `lam`.
-
-    Args:
-      weights: `[batch, T, L]`, alpha_t for every step.
-      caption_mask: `[batch, T]`, True at real caption steps; default all.
-      lam: lambda.
-      location_mask: `[batch, L]`, True at real locations; default all.
-
-    Returns:
-      A scalar.
-    """
-    weights = jnp.asarray(weights)
-    if weights.ndim != 3:
-        raise ValueError(
-            f"doubly_stochastic_penalty: weights must be [batch, T, L], got {weights.shape}"
-        )
-    if caption_mask is None:
-        caption_mask = jnp.ones(weights.shape[:2], bool)
-    caption_mask = jnp.asarray(caption_mask)
-    if caption_mask.shape != weights.shape[:2]:
-        raise ValueError(
-            f"doubly_stochastic_penalty: caption_mask must be [batch, T] = {weights.shape[:2]}, "
-            f"got {caption_mask.shape}"
-        )
-    if location_mask is None:
-        location_mask = jnp.ones((weights.shape[0], weights.shape[2]), bool)
-    location_mask = jnp.asarray(location_mask)
-    if location_mask.shape != (weights.shape[0], weights.shape[2]):
-        raise ValueError(
-            "doubly_stochastic_penalty: location_mask must be [batch, L] = "
-            f"{(weights.shape[0], weights.shape[2])}, got {location_mask.shape}"
-        )
-    steps = caption_mask.astype(weights.dtype)
-    attention_per_location = jnp.einsum("btl,bt->bl", weights, steps)  # sum_t alpha_ti
-    deficit = jnp.where(location_mask, (1.0 - attention_per_location) ** 2, 0.0)
-    per_example = lam * jnp.sum(deficit, axis=-1)
-    has_steps = jnp.any(caption_mask.astype(bool), axis=-1)
-    total = jnp.sum(jnp.where(has_steps, per_example, 0.0))
-    return total / jnp.maximum(jnp.sum(has_steps), 1).astype(weights.dtype)
-
-
 def _safe_log(weights: Array) -> Array:
     """log(w) where w > 0, else 0 (finite values and gradients at w = 0)."""
     positive = weights > 0
@@ -311,19 +250,3 @@ def sample_location(weights: Array, rng: Array) -> tuple[Array, Array]:
     sample = jnp.where(jnp.any(positive, axis=-1, keepdims=True), sample, 0.0)
     log_prob = jnp.sum(sample * _safe_log(weights), axis=-1)
     return sample, log_prob
-
-
-def location_entropy(weights: Array) -> Array:
-    """H[alpha_t] = -sum_i alpha_ti log alpha_ti over the last axis (0 log 0 = 0).
-
-    The entropy term of the hard-attention update (Xu et al. 2015, sec. 4.1);
-    also a measure of how spread out a soft attention map is.
-
-    Args:
-      weights: `[..., L]`.
-
-    Returns:
-      `[...]`, finite with finite gradients even where weights are 0.
-    """
-    weights = jnp.asarray(weights)
-    return -jnp.sum(weights * _safe_log(weights), axis=-1)

@@ -35,7 +35,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import (
     splash_attention_mask as splash_mask,
 )
 
-from attnx.layers.attention import MaskSpec
+from attnx.layers.masks import MaskSpec
 
 Array = jax.Array
 

@@ -20,14 +20,14 @@ is a scalar the training state carries: start it at 0 (the authors' code)
 and, after each step, replace it with
 `update_baseline(b, metrics['log_likelihood'])`.
 
-These functions take the `(logits, weights)` of `Captioner.decode(...,
-return_weights=True)`; they are pure and jit-friendly.
+The losses take the `(logits, weights)` of `Captioner.decode(...,
+return_weights=True)`; their attention terms, `doubly_stochastic_penalty` and
+`location_entropy`, take the attention weights alone. All are pure and
+jit-friendly.
 """
 
 import jax
 import jax.numpy as jnp
-
-from attnx.layers.spatial import doubly_stochastic_penalty, location_entropy
 
 Array = jax.Array
 
@@ -69,6 +69,86 @@ def _alignment(name: str, weights: dict[str, Array], targets: Array) -> Array:
             f"{targets.shape}, got {alignment.shape}"
         )
     return alignment.astype(jnp.float32)
+
+
+def doubly_stochastic_penalty(
+    weights: Array,
+    caption_mask: Array | None = None,
+    lam: float = 1.0,
+    location_mask: Array | None = None,
+) -> Array:
+    """Doubly stochastic attention regulariser (Xu et al. 2015, eq. 14).
+
+      lambda * sum_i (1 - sum_t alpha_ti)^2
+
+    pushes the model to look at every location about once over the caption.
+    Only real caption steps enter the sum over t; with `location_mask`, only
+    real locations enter the sum over i (a padded location always has weight
+    0 and would add a constant). The per-example penalties are averaged over
+    the examples that have at least one real caption step (a wholly padded
+    example, e.g. filler in the last batch, adds nothing). Add it to the
+    *mean* per-example negative log-likelihood; to match eq. 14 exactly with a
+    per-token loss, rescale `lam`.
+
+    Args:
+      weights: `[batch, T, L]`, alpha_t for every step.
+      caption_mask: `[batch, T]`, True at real caption steps; default all.
+      lam: lambda.
+      location_mask: `[batch, L]`, True at real locations; default all.
+
+    Returns:
+      A scalar.
+    """
+    weights = jnp.asarray(weights)
+    if weights.ndim != 3:
+        raise ValueError(
+            f"doubly_stochastic_penalty: weights must be [batch, T, L], got {weights.shape}"
+        )
+    if caption_mask is None:
+        caption_mask = jnp.ones(weights.shape[:2], bool)
+    caption_mask = jnp.asarray(caption_mask)
+    if caption_mask.shape != weights.shape[:2]:
+        raise ValueError(
+            f"doubly_stochastic_penalty: caption_mask must be [batch, T] = {weights.shape[:2]}, "
+            f"got {caption_mask.shape}"
+        )
+    if location_mask is None:
+        location_mask = jnp.ones((weights.shape[0], weights.shape[2]), bool)
+    location_mask = jnp.asarray(location_mask)
+    if location_mask.shape != (weights.shape[0], weights.shape[2]):
+        raise ValueError(
+            "doubly_stochastic_penalty: location_mask must be [batch, L] = "
+            f"{(weights.shape[0], weights.shape[2])}, got {location_mask.shape}"
+        )
+    steps = caption_mask.astype(weights.dtype)
+    attention_per_location = jnp.einsum("btl,bt->bl", weights, steps)  # sum_t alpha_ti
+    deficit = jnp.where(location_mask, (1.0 - attention_per_location) ** 2, 0.0)
+    per_example = lam * jnp.sum(deficit, axis=-1)
+    has_steps = jnp.any(caption_mask.astype(bool), axis=-1)
+    total = jnp.sum(jnp.where(has_steps, per_example, 0.0))
+    return total / jnp.maximum(jnp.sum(has_steps), 1).astype(weights.dtype)
+
+
+def _safe_log(weights: Array) -> Array:
+    """log(w) where w > 0, else 0 (finite values and gradients at w = 0)."""
+    positive = weights > 0
+    return jnp.where(positive, jnp.log(jnp.where(positive, weights, 1.0)), 0.0)
+
+
+def location_entropy(weights: Array) -> Array:
+    """H[alpha_t] = -sum_i alpha_ti log alpha_ti over the last axis (0 log 0 = 0).
+
+    The entropy term of the hard-attention update (Xu et al. 2015, sec. 4.1);
+    also a measure of how spread out a soft attention map is.
+
+    Args:
+      weights: `[..., L]`.
+
+    Returns:
+      `[...]`, finite with finite gradients even where weights are 0.
+    """
+    weights = jnp.asarray(weights)
+    return -jnp.sum(weights * _safe_log(weights), axis=-1)
 
 
 def sequence_log_likelihood(logits: Array, targets: Array, token_weights: Array) -> Array:

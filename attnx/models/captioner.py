@@ -69,6 +69,7 @@ from attnx.models.captioner_config import (
     digits_small,
     tiny,
 )
+from attnx.models.checks import check_at_least, check_tokens
 from attnx.models.image_encoders import ConvEncoder, PrecomputedFeatures
 
 # The presets are re-exported so that `attnx.models.captioner` is the one import users need.
@@ -161,10 +162,18 @@ class Captioner(nnx.Module):
             rngs, _stacked_kernel_init, (c, 2, n), ("channels", None, "rnn_hidden"), pdt
         )
         self.init_bias = param(rngs, _zeros, (2, n), (None, "rnn_hidden"), pdt)
+        a = cfg.mechanism
         self.attention = SpatialAttention(
-            c, n, cfg.attention_dim, gate=False, dtype=cfg.dtype, param_dtype=pdt, rngs=rngs
+            c,
+            n,
+            cfg.attention_dim,
+            gate=False,
+            normalizer=a.normalizer,
+            dtype=cfg.dtype,
+            param_dtype=pdt,
+            rngs=rngs,
         )
-        if cfg.gate:
+        if a.gate:
             self.gate_kernel = param(
                 rngs, nnx.initializers.normal(n**-0.5), (n,), ("rnn_hidden",), pdt
             )
@@ -183,7 +192,7 @@ class Captioner(nnx.Module):
         self.logits_kernel = param(rngs, _dense_init, (m, v), ("embed", "vocab"), pdt)
         self.logits_bias = param(rngs, _zeros, (v,), ("vocab",), pdt)
         self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs if cfg.dropout_rate > 0 else None)
-        self.hard = cfg.attention == "hard"
+        self.hard = a.kind == "hard"
         # Location samples have their own stream ('location'), so that a
         # training step can reseed it apart from dropout (attnx.training.steps).
         self.location_rngs = (
@@ -282,19 +291,6 @@ class Captioner(nnx.Module):
         logits = out @ self.logits_kernel[...].astype(dt) + self.logits_bias[...].astype(dt)
         return logits.astype(jnp.float32)
 
-    def _check_tokens(self, name: str, tokens: Array, batch: int) -> Array:
-        tokens = jnp.asarray(tokens)
-        if (
-            tokens.ndim != 2
-            or tokens.shape[0] != batch
-            or not jnp.issubdtype(tokens.dtype, jnp.integer)
-        ):
-            raise ValueError(
-                f"Captioner.{name}: tokens must be int [batch={batch}, length], "
-                f"got {tokens.dtype} {tokens.shape}"
-            )
-        return tokens
-
     def decode(
         self,
         tgt_in: Array,
@@ -315,7 +311,7 @@ class Captioner(nnx.Module):
           logits `[batch, T, vocab]` (float32), and the weights dict if asked.
         """
         batch = encoded.hidden.shape[0]
-        tgt_in = self._check_tokens("decode", tgt_in, batch)
+        tgt_in = check_tokens("Captioner.decode", tgt_in, batch=batch)
         embedded, projected = self._embed(tgt_in)  # hoisted: all steps at once
         steps = tgt_in.shape[1]
         sampling = self.hard and train
@@ -375,8 +371,7 @@ class Captioner(nnx.Module):
           max_length: the longest caption to decode; the LSTM state does not
             grow with it, so it is only checked.
         """
-        if max_length < 1:
-            raise ValueError(f"Captioner.init_cache: max_length must be >= 1, got {max_length}")
+        check_at_least("Captioner.init_cache", max_length=max_length)
         memory = encoded.memory
         self.cache_hidden = nnx.Cache(encoded.hidden.astype(self.dtype))
         self.cache_cell = nnx.Cache(encoded.cell.astype(jnp.float32))
@@ -395,11 +390,7 @@ class Captioner(nnx.Module):
         if not hasattr(self, "cache_hidden"):
             raise ValueError("Captioner.decode_step: call init_cache(encoded, max_length) first")
         hidden, cell = self.cache_hidden[...], self.cache_cell[...]
-        tokens = self._check_tokens("decode_step", tokens, hidden.shape[0])
-        if tokens.shape[1] != 1:
-            raise ValueError(
-                f"Captioner.decode_step: tokens must be [batch, 1], got {tokens.shape}"
-            )
+        tokens = check_tokens("Captioner.decode_step", tokens, batch=hidden.shape[0], length=1)
         embedded, projected = self._embed(tokens[:, 0])
         memory = SpatialMemory(
             self.cache_features[...], self.cache_projected[...], self.cache_mask[...]

@@ -11,7 +11,13 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from attnx.layers.attention_config import AttentionConfig, AttentionSupport
+from attnx.models.checks import check_at_least, check_probability, check_rate
 from attnx.models.image_encoders import CONV_IMPLEMENTATIONS, DIGITS_BLOCKS, VGG19_BLOCKS
+
+# What the captioner accepts as `config.model.attention`: the f_att MLP score
+# (eq. 4), soft or hard attention (sec. 4.1, 4.2), and the gate beta (sec. 4.2.1).
+ATTENTION = AttentionSupport("captioner", score=("additive",), kind=("soft", "hard"), gate=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,10 +37,12 @@ class CaptionerConfig:
       hidden_dim: n, LSTM size.
       attention_dim: hidden size of the f_att MLP.
       init_hidden_layers: ReLU layers (C -> C) before the tanh layers f_init,{h,c}.
-      gate: use beta_t (sec. 4.2.1).
       deep_output_tanh: tanh on E y + L_h h + L_z z before L_o (the authors' code;
         eq. 7 has none).
-      attention: 'soft' or 'hard'.
+      attention: the mechanism (`AttentionConfig`, `config.model.attention.*`):
+        kind 'soft' (sec. 4.2) or 'hard' (sec. 4.1); gate: beta_t (sec. 4.2.1;
+        default on); normalizer of alpha_t ('softmax' in the paper, or
+        'sparsemax' / 'entmax15'; hard attention samples from it).
       hard_eval: with hard attention, what evaluation uses: 'expectation' or 'argmax'.
       hard_expectation_prob: per-image probability of training with the
         expectation instead of a sample (sec. 4.1: 0.5).
@@ -54,9 +62,8 @@ class CaptionerConfig:
     hidden_dim: int = 256
     attention_dim: int = 256
     init_hidden_layers: int = 0
-    gate: bool = True
     deep_output_tanh: bool = False
-    attention: str = "soft"
+    attention: AttentionConfig = AttentionConfig()
     hard_eval: str = "expectation"
     hard_expectation_prob: float = 0.5
     dropout_rate: float = 0.0
@@ -64,40 +71,32 @@ class CaptionerConfig:
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
-        for name in ("vocab_size", "embed_dim", "hidden_dim", "attention_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"CaptionerConfig: {name} must be >= 1, got {getattr(self, name)}")
+        check_at_least(
+            "CaptionerConfig",
+            vocab_size=self.vocab_size,
+            embed_dim=self.embed_dim,
+            hidden_dim=self.hidden_dim,
+            attention_dim=self.attention_dim,
+        )
         if self.encoder not in ("conv", "features"):
             raise ValueError(
                 f"CaptionerConfig: encoder must be 'conv' or 'features', got {self.encoder!r}"
             )
         if self.encoder == "features" and (self.feature_dim is None or self.feature_dim < 1):
             raise ValueError("CaptionerConfig: encoder='features' needs feature_dim >= 1")
-        if self.attention not in ("soft", "hard"):
-            raise ValueError(
-                f"CaptionerConfig: attention must be 'soft' or 'hard', got {self.attention!r}"
-            )
+        self.mechanism  # noqa: B018  (refuses what the captioner cannot do, naming the key)
         if self.hard_eval not in ("expectation", "argmax"):
             raise ValueError(
                 f"CaptionerConfig: hard_eval must be 'expectation' or 'argmax', got {self.hard_eval!r}"
             )
-        if not 0.0 <= self.hard_expectation_prob <= 1.0:
-            raise ValueError(
-                f"CaptionerConfig: hard_expectation_prob must be in [0, 1], got {self.hard_expectation_prob}"
-            )
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(
-                f"CaptionerConfig: dropout_rate must be in [0, 1), got {self.dropout_rate}"
-            )
+        check_probability("CaptionerConfig", hard_expectation_prob=self.hard_expectation_prob)
+        check_rate("CaptionerConfig", dropout_rate=self.dropout_rate)
         if self.conv_implementation not in (None, *CONV_IMPLEMENTATIONS):
             raise ValueError(
                 f"CaptionerConfig: conv_implementation must be one of {CONV_IMPLEMENTATIONS} "
                 f"or None, got {self.conv_implementation!r}"
             )
-        if self.init_hidden_layers < 0:
-            raise ValueError(
-                f"CaptionerConfig: init_hidden_layers must be >= 0, got {self.init_hidden_layers}"
-            )
+        check_at_least("CaptionerConfig", minimum=0, init_hidden_layers=self.init_hidden_layers)
 
     @property
     def annotation_dim(self) -> int:
@@ -105,6 +104,11 @@ class CaptionerConfig:
         if self.encoder == "features":
             return self.feature_dim
         return self.conv_blocks[-1][-1]
+
+    @property
+    def mechanism(self) -> AttentionConfig:
+        """`attention` with the paper's choices where it left them open (the gate on)."""
+        return ATTENTION.resolve(self.attention)
 
 
 def digits_small(**overrides: Any) -> CaptionerConfig:

@@ -43,7 +43,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from attnx.layers.positions import LearnedPositions
+from attnx.layers.params import logical_axes
+from attnx.layers.positions import LearnedPositions, SinusoidalPositions
+from attnx.models.checks import check_tokens
 from attnx.models.convs2s_blocks import (
     SQRT_HALF,
     DecoderBlock,
@@ -92,16 +94,6 @@ class ConvS2SEncoding:
     source_valid: Array
 
 
-def _check_tokens(name: str, tokens: Array) -> Array:
-    tokens = jnp.asarray(tokens)
-    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise ValueError(
-            f"ConvS2S.{name}: tokens must be integers [batch, length], got "
-            f"{tokens.dtype}{list(tokens.shape)}"
-        )
-    return tokens
-
-
 class ConvS2S(nnx.Module):
     """Convolutional sequence-to-sequence model (Gehring et al. 2017). See the module docstring.
 
@@ -111,7 +103,8 @@ class ConvS2S(nnx.Module):
 
     Attributes:
       source_embedding / target_embedding: `nnx.Embed` `[vocab, embed_dim]`, N(0, 0.1).
-      source_positions / target_positions: `LearnedPositions` `[max_length, embed_dim]`, N(0, 0.1).
+      source_positions / target_positions: `LearnedPositions` `[max_length, embed_dim]`,
+        N(0, 0.1) (the paper); `SinusoidalPositions` or None as `config.attention.positions` says.
       encoder_input / decoder_input: `WeightNormLinear` embed_dim -> first block's channels.
       encoder_blocks / decoder_blocks: lists of `EncoderBlock` / `DecoderBlock`.
       encoder_output: last encoder channels -> embed_dim.
@@ -127,15 +120,24 @@ class ConvS2S(nnx.Module):
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
         wn = dict(weight_norm=cfg.weight_norm, **kw)
         init = nnx.initializers.normal(0.1)  # all embeddings N(0, 0.1) (sec. 3.5)
-        meta = {"out_sharding": ("vocab", "embed"), "eager_sharding": False}
+        meta = logical_axes("vocab", "embed")
         self.source_embedding = nnx.Embed(
             cfg.src_vocab_size, e, embedding_init=init, embedding_metadata=meta, **kw
         )
         self.target_embedding = nnx.Embed(
             cfg.target_vocab_size, e, embedding_init=init, embedding_metadata=meta, **kw
         )
-        self.source_positions = LearnedPositions(cfg.max_length, e, embedding_init=init, **kw)
-        self.target_positions = LearnedPositions(cfg.max_length, e, embedding_init=init, **kw)
+        a = cfg.mechanism
+        if a.positions == "learned":
+            self.source_positions = LearnedPositions(cfg.max_length, e, embedding_init=init, **kw)
+            self.target_positions = LearnedPositions(cfg.max_length, e, embedding_init=init, **kw)
+        elif a.positions == "sinusoidal":
+            self.source_positions, self.target_positions = (
+                SinusoidalPositions(e),
+                SinusoidalPositions(e),
+            )
+        else:
+            self.source_positions = self.target_positions = nnx.data(None)
         self.dropout = nnx.Dropout(p, rngs=rngs if p > 0 else None)
 
         # Layers whose input was dropped out are initialised with retain probability 1 - p.
@@ -169,7 +171,10 @@ class ConvS2S(nnx.Module):
                 k,
                 e,
                 attention=flags[i],
-                query_scale=SQRT_HALF if fairseq else 1.0,
+                # 'scaled_dot' divides d_i . z_j by sqrt(f) as in Vaswani et al.'s eq. (1).
+                query_scale=(SQRT_HALF if fairseq else 1.0)
+                * (e**-0.5 if a.score == "scaled_dot" else 1.0),
+                normalizer=a.normalizer,
                 dropout_rate=p,
                 sow_weights=cfg.sow_weights,
                 **wn,
@@ -188,7 +193,9 @@ class ConvS2S(nnx.Module):
 
     def _embed(self, tokens, table, positions_module, positions, deterministic):
         """Dropout(w + p) (sec. 3.1, 4.3)."""
-        x = positions_module(table(tokens), positions)
+        x = table(tokens)
+        if positions_module is not None:
+            x = positions_module(x, positions)
         return self.dropout(x, deterministic=deterministic)
 
     def encode(self, src: Array, *, train: bool = False) -> ConvS2SEncoding:
@@ -201,7 +208,7 @@ class ConvS2S(nnx.Module):
         Returns:
           A `ConvS2SEncoding` (keys z, values z + e, source mask).
         """
-        src = _check_tokens("encode", src)
+        src = check_tokens("ConvS2S.encode", src)
         cfg = self.config
         valid = src != 0
         deterministic = not train
@@ -249,12 +256,7 @@ class ConvS2S(nnx.Module):
         Returns:
           logits `[batch, tgt_len, tgt_vocab]` (float32), and the weights if asked.
         """
-        tgt_in = _check_tokens("decode", tgt_in)
-        if encoded.keys.shape[0] != tgt_in.shape[0]:
-            raise ValueError(
-                f"ConvS2S.decode: tgt_in batch {tgt_in.shape[0]} != encoded batch "
-                f"{encoded.keys.shape[0]}"
-            )
+        tgt_in = check_tokens("ConvS2S.decode", tgt_in, batch=encoded.keys.shape[0])
         deterministic = not train
         g = self._embed(tgt_in, self.target_embedding, self.target_positions, None, deterministic)
         y = self.decoder_input(g)
@@ -323,13 +325,9 @@ class ConvS2S(nnx.Module):
         """
         if self.cache_step is None:
             raise ValueError("ConvS2S.decode_step: call init_cache(encoded, max_length) first")
-        tokens = _check_tokens("decode_step", tokens)
         keys, values = self.cache_keys[...], self.cache_values[...]
         valid = self.cache_source_valid[...]
-        if tokens.shape != (keys.shape[0], 1):
-            raise ValueError(
-                f"ConvS2S.decode_step: tokens must be [{keys.shape[0]}, 1], got {tokens.shape}"
-            )
+        tokens = check_tokens("ConvS2S.decode_step", tokens, batch=keys.shape[0], length=1)
         step = self.cache_step[...]
         positions = jnp.broadcast_to(step, tokens.shape)
         g = self._embed(tokens, self.target_embedding, self.target_positions, positions, True)

@@ -294,6 +294,7 @@ class DecoderBlock(_GLUBlock):
       attention: whether this block attends to the source.
       query_scale: multiplies d_i (1 in the paper, sqrt(0.5) in fairseq; see
         `attnx.layers.multi_step`).
+      normalizer: the attention's 'softmax' (the paper), 'sparsemax' or 'entmax15'.
       sow_weights: the attention sows its weights.
     """
 
@@ -308,6 +309,7 @@ class DecoderBlock(_GLUBlock):
         *,
         attention: bool,
         query_scale: float,
+        normalizer: str = "softmax",
         dropout_rate: float,
         weight_norm: bool,
         sow_weights: bool,
@@ -332,6 +334,7 @@ class DecoderBlock(_GLUBlock):
                 embed_dim,
                 query_scale=query_scale,
                 residual_scale=SQRT_HALF,
+                normalizer=normalizer,
                 sow_weights=sow_weights,
                 kernel_init=nnx.initializers.variance_scaling(1.0, "fan_in", "normal"),
                 dtype=dtype,

@@ -21,6 +21,17 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from attnx.layers.attention_config import AttentionConfig, AttentionSupport
+from attnx.models.checks import check_at_least, check_none_or_at_least, check_rate
+
+# What ConvS2S accepts as `config.model.attention`; the first score and
+# positions are the paper's (d_i . z_j unscaled, sec. 3.3; learned positions, sec. 3.1).
+ATTENTION = AttentionSupport(
+    "convs2s",
+    score=("dot", "scaled_dot"),
+    positions=("learned", "sinusoidal", "none"),
+)
+
 SCALINGS = ("paper", "fairseq")
 
 Layout = tuple[tuple[int, int], ...]
@@ -47,6 +58,10 @@ class ConvS2SConfig:
       decoder_out_embed_dim: size of the decoder's output before the vocabulary
         projection (sec. 3.1, "output produced by the decoder before the final
         linear layer"); None = `embed_dim`.
+      attention: the mechanism of every `MultiStepAttention` (`AttentionConfig`,
+        `config.model.attention.*`): normalizer; score 'dot' (the paper) or
+        'scaled_dot' (d_i . z_j / sqrt(embed_dim)); positions of both sides'
+        embeddings: 'learned' (the paper), 'sinusoidal' or 'none'.
       attention_layers: which decoder blocks have a `MultiStepAttention`: True =
         all (the paper, sec. 3.3), a tuple of booleans (one per decoder block,
         fairseq's `--decoder-attention`) or a tuple of block indices.
@@ -75,6 +90,7 @@ class ConvS2SConfig:
     encoder_layers: Layout = _layout((20, 512, 3))
     decoder_layers: Layout = _layout((20, 512, 3))
     decoder_out_embed_dim: int | None = None
+    attention: AttentionConfig = AttentionConfig()
     attention_layers: bool | tuple[int, ...] | tuple[bool, ...] = True
     dropout_rate: float = 0.1
     max_length: int = 1024
@@ -86,22 +102,24 @@ class ConvS2SConfig:
     param_dtype: Any = jnp.float32
 
     def __post_init__(self):
+        self.mechanism  # noqa: B018  (refuses what ConvS2S cannot do, naming the key)
         # Lists from a command line or ConfigDict become hashable tuples.
         for name in ("encoder_layers", "decoder_layers"):
             object.__setattr__(self, name, _check_layout(name, getattr(self, name)))
         if not isinstance(self.attention_layers, bool):
             object.__setattr__(self, "attention_layers", tuple(self.attention_layers))
-        for name in ("src_vocab_size", "embed_dim", "max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"ConvS2SConfig: {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("tgt_vocab_size", "decoder_out_embed_dim"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"ConvS2SConfig: {name} must be >= 1 or None, got {value}")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ValueError(
-                f"ConvS2SConfig: dropout_rate must be in [0, 1), got {self.dropout_rate}"
-            )
+        check_at_least(
+            "ConvS2SConfig",
+            src_vocab_size=self.src_vocab_size,
+            embed_dim=self.embed_dim,
+            max_length=self.max_length,
+        )
+        check_none_or_at_least(
+            "ConvS2SConfig",
+            tgt_vocab_size=self.tgt_vocab_size,
+            decoder_out_embed_dim=self.decoder_out_embed_dim,
+        )
+        check_rate("ConvS2SConfig", dropout_rate=self.dropout_rate)
         if self.scaling not in SCALINGS:
             raise ValueError(
                 f"ConvS2SConfig: scaling must be one of {SCALINGS}, got {self.scaling!r}"
@@ -111,6 +129,11 @@ class ConvS2SConfig:
                 "ConvS2SConfig: attention_layers selects no decoder block; the decoder "
                 "needs at least one attention to see the source"
             )
+
+    @property
+    def mechanism(self) -> AttentionConfig:
+        """`attention` with the paper's choices where it left them open (score, positions)."""
+        return ATTENTION.resolve(self.attention)
 
     @property
     def target_vocab_size(self) -> int:
@@ -258,6 +281,19 @@ def cpu_small(vocab_size: int = 8000, **overrides: Any) -> ConvS2SConfig:
         dropout_rate=0.1,
         max_length=64,
         scaling="fairseq",
+    )
+    return _preset(fields, vocab_size, overrides)
+
+
+def small(vocab_size: int = 11, **overrides: Any) -> ConvS2SConfig:
+    """ConvS2S for the bundled tasks on a few CPU cores: embeddings 128, encoder
+    (128, 3) x 6, decoder (128, 3) x 4, dropout 0.1, the paper's scaling, lengths up to 128."""
+    fields = dict(
+        embed_dim=128,
+        encoder_layers=_layout((6, 128, 3)),
+        decoder_layers=_layout((4, 128, 3)),
+        dropout_rate=0.1,
+        max_length=128,
     )
     return _preset(fields, vocab_size, overrides)
 

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnx.layers.params import Initializer, param
+from attnx.models.checks import check_at_least
 
 Array = jax.Array
 
@@ -190,8 +191,7 @@ class ConvEncoder(nnx.Module):
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if in_channels < 1:
-            raise ValueError(f"ConvEncoder: in_channels must be >= 1, got {in_channels}")
+        check_at_least("ConvEncoder", in_channels=in_channels)
         if not blocks or any(not block for block in blocks):
             raise ValueError(
                 f"ConvEncoder: blocks must be non-empty lists of channels, got {blocks}"
@@ -269,8 +269,7 @@ class PrecomputedFeatures(nnx.Module):
     """
 
     def __init__(self, feature_dim: int, *, dtype: jnp.dtype = jnp.float32):
-        if feature_dim < 1:
-            raise ValueError(f"PrecomputedFeatures: feature_dim must be >= 1, got {feature_dim}")
+        check_at_least("PrecomputedFeatures", feature_dim=feature_dim)
         self.out_channels = feature_dim
         self.dtype = dtype
 

@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from attnx.layers.recurrent_attention import AttentionMemory
+from attnx.layers.attention_memory import AttentionMemory
+from attnx.models.checks import check_at_least, check_tokens
 from attnx.models.rnn_config import RNNConfig, luong_4layer, rnnsearch50, tiny
 from attnx.models.rnn_decoders import BahdanauDecoder, DecoderState, LuongDecoder
 from attnx.models.rnn_encoder import RNNEncoder
@@ -76,7 +77,7 @@ class RNNEncoderDecoder(nnx.Module):
     def __init__(self, config: RNNConfig, *, rngs: nnx.Rngs):
         self.config = config
         self.encoder = RNNEncoder(config, rngs=rngs)
-        decoder_type = BahdanauDecoder if config.attention == "bahdanau" else LuongDecoder
+        decoder_type = BahdanauDecoder if config.variant == "bahdanau" else LuongDecoder
         self.decoder = decoder_type(config, rngs=rngs)
 
     def encode(self, src: Array, *, train: bool = False) -> RNNEncoding:
@@ -88,19 +89,6 @@ class RNNEncoderDecoder(nnx.Module):
         """
         annotations, mask, finals = self.encoder(src, train=train)
         return RNNEncoding(annotations, mask, self.decoder.initial_state(finals))
-
-    def _check_tokens(self, name: str, tokens: Array, batch: int) -> Array:
-        tokens = jnp.asarray(tokens)
-        if (
-            tokens.ndim != 2
-            or tokens.shape[0] != batch
-            or not jnp.issubdtype(tokens.dtype, jnp.integer)
-        ):
-            raise ValueError(
-                f"RNNEncoderDecoder.{name}: tokens must be int [batch={batch}, length], "
-                f"got {tokens.dtype} {tokens.shape}"
-            )
-        return tokens
 
     def decode(
         self,
@@ -121,7 +109,7 @@ class RNNEncoderDecoder(nnx.Module):
         Returns:
           logits `[batch, T, tgt_vocab]` (float32), and the weights dict if asked.
         """
-        tgt_in = self._check_tokens("decode", tgt_in, encoded.mask.shape[0])
+        tgt_in = check_tokens("RNNEncoderDecoder.decode", tgt_in, batch=encoded.mask.shape[0])
         memory = self.decoder.prepare_memory(encoded.annotations, encoded.mask)  # hoisted
         logits, alignment = self.decoder.decode(tgt_in, memory, encoded.state, train=train)
         if not return_weights:
@@ -149,10 +137,7 @@ class RNNEncoderDecoder(nnx.Module):
           max_length: the longest output to decode; the state does not grow
             with it, so it is only checked.
         """
-        if max_length < 1:
-            raise ValueError(
-                f"RNNEncoderDecoder.init_cache: max_length must be >= 1, got {max_length}"
-            )
+        check_at_least("RNNEncoderDecoder.init_cache", max_length=max_length)
         memory = self.decoder.prepare_memory(encoded.annotations, encoded.mask)
         self.cache_state = nnx.Dict({k: nnx.Cache(v) for k, v in encoded.state.items()})
         self.cache_keys = nnx.Cache(memory.keys)
@@ -173,11 +158,9 @@ class RNNEncoderDecoder(nnx.Module):
                 "RNNEncoderDecoder.decode_step: call init_cache(encoded, max_length) first"
             )
         keys = self.cache_keys[...]
-        tokens = self._check_tokens("decode_step", tokens, keys.shape[0])
-        if tokens.shape[1] != 1:
-            raise ValueError(
-                f"RNNEncoderDecoder.decode_step: tokens must be [batch, 1], got {tokens.shape}"
-            )
+        tokens = check_tokens(
+            "RNNEncoderDecoder.decode_step", tokens, batch=keys.shape[0], length=1
+        )
         projected = None if self.cache_projected is None else self.cache_projected[...]
         # The attention modules attend over values = keys (the annotations), as both papers do.
         memory = AttentionMemory(keys, keys, self.cache_mask[...], projected)

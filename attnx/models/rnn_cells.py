@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnx.layers.params import param
+from attnx.models.checks import check_at_least
 
 Array = jax.Array
 CellState = tuple[Array, ...]
@@ -73,11 +74,8 @@ class _GatedCell(nnx.Module):
         rngs: nnx.Rngs,
     ):
         name = type(self).__name__
-        if input_dim < 1 or hidden_dim < 1 or step_input_dim < 0:
-            raise ValueError(
-                f"{name}: input_dim and hidden_dim must be >= 1 and step_input_dim >= 0, got "
-                f"{input_dim}, {hidden_dim}, {step_input_dim}"
-            )
+        check_at_least(name, input_dim=input_dim, hidden_dim=hidden_dim)
+        check_at_least(name, minimum=0, step_input_dim=step_input_dim)
         self.input_dim = input_dim
         self.hidden_dim = hidden_dim
         self.step_input_dim = step_input_dim

@@ -13,10 +13,24 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from attnx.layers.luong_attention import LOCAL_MODES, LUONG_SCORES
+from attnx.layers.attention_config import AttentionConfig, AttentionSupport
+from attnx.models.checks import check_at_least, check_none_or_at_least, check_rate
 from attnx.models.rnn_cells import CELL_TYPES
 
-ATTENTION_TYPES = ("bahdanau", "luong")
+VARIANTS = ("bahdanau", "luong")
+# What each decoder accepts as `config.model.attention`; the first score is its
+# own. Bahdanau's decoder scores s_{i-1} with any score (its context goes into
+# the cell); Luong's scores h_t and its global attention may be local (sec. 3.2).
+ATTENTION = {
+    "bahdanau": AttentionSupport(
+        "rnn (variant 'bahdanau')", score=("additive", "dot", "general", "concat", "location")
+    ),
+    "luong": AttentionSupport(
+        "rnn (variant 'luong')",
+        score=("general", "dot", "concat", "location"),
+        local=("none", "local_m", "local_p"),
+    ),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,14 +54,16 @@ class RNNConfig:
         'bahdanau' and the encoder output size (`hidden_dim` x directions)
         for 'luong', whose decoder starts from the encoder's final states.
       decoder_layers: stacked decoder layers (1 for 'bahdanau').
-      attention: 'bahdanau' (additive score from s_{i-1}, context into the
-        cell, maxout deep output) or 'luong' (score from h_t, attentional
+      variant: 'bahdanau' (attention from s_{i-1}, context into the cell,
+        maxout deep output) or 'luong' (attention from h_t, attentional
         hidden state, softmax from it).
-      attention_dim: n', the hidden size of Bahdanau's alignment MLP or of
-        Luong's 'concat' score; None = the decoder state size.
-      luong_score: 'dot', 'general', 'concat' or 'location' (Luong eq. 8, 9).
-      local_mode: None (global attention), 'local-m' or 'local-p' (Luong sec. 3.2).
-      window: D, the half-width of the local window (Luong: 10).
+      attention: the mechanism (`AttentionConfig`, `config.model.attention.*`):
+        normalizer; score: 'additive' (Bahdanau eq. 6; the 'bahdanau'
+        default), 'dot', 'general' (the 'luong' default), 'concat',
+        'location' (Luong eq. 8, 9); local (Luong sec. 3.2, 'luong' only):
+        'local_m' or 'local_p' with `window` D, the half-width (Luong: 10).
+      attention_dim: n', the hidden size of the 'additive' or 'concat' score's
+        MLP; None = the decoder state size.
       input_feeding: feed h~_{t-1} into the first decoder layer (Luong sec. 3.3).
       maxout_units: l, units of Bahdanau's maxout deep output (A.2.2).
       dropout_rate: between stacked layers (encoder and decoder), and on the
@@ -66,11 +82,9 @@ class RNNConfig:
     reverse_source: bool = False
     decoder_hidden_dim: int | None = None
     decoder_layers: int = 1
-    attention: str = "bahdanau"
+    variant: str = "bahdanau"
+    attention: AttentionConfig = AttentionConfig()
     attention_dim: int | None = None
-    luong_score: str = "general"
-    local_mode: str | None = None
-    window: int = 10
     input_feeding: bool = True
     maxout_units: int = 500
     dropout_rate: float = 0.0
@@ -82,50 +96,52 @@ class RNNConfig:
         def fail(message: str):
             raise ValueError(f"RNNConfig: {message}")
 
-        for name in (
-            "src_vocab_size",
-            "tgt_vocab_size",
-            "embed_dim",
-            "hidden_dim",
-            "encoder_layers",
-            "decoder_layers",
-            "maxout_units",
-        ):
-            if getattr(self, name) < 1:
-                fail(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("decoder_hidden_dim", "attention_dim", "max_source_length"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                fail(f"{name} must be None or >= 1, got {value}")
+        check_at_least(
+            "RNNConfig",
+            src_vocab_size=self.src_vocab_size,
+            tgt_vocab_size=self.tgt_vocab_size,
+            embed_dim=self.embed_dim,
+            hidden_dim=self.hidden_dim,
+            encoder_layers=self.encoder_layers,
+            decoder_layers=self.decoder_layers,
+            maxout_units=self.maxout_units,
+        )
+        check_none_or_at_least(
+            "RNNConfig",
+            decoder_hidden_dim=self.decoder_hidden_dim,
+            attention_dim=self.attention_dim,
+            max_source_length=self.max_source_length,
+        )
         if self.cell not in CELL_TYPES:
             fail(f"cell must be one of {CELL_TYPES}, got {self.cell!r}")
-        if self.attention not in ATTENTION_TYPES:
-            fail(f"attention must be one of {ATTENTION_TYPES}, got {self.attention!r}")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            fail(f"dropout_rate must be in [0, 1), got {self.dropout_rate}")
-        if self.attention == "bahdanau":
+        if self.variant not in VARIANTS:
+            raise ValueError(
+                f"config.model.variant={self.variant!r}; choose one of {list(VARIANTS)}"
+            )
+        check_rate("RNNConfig", dropout_rate=self.dropout_rate)
+        score, local = self.mechanism.score, self.mechanism.local
+        if score == "location":
+            if local != "none":
+                raise ValueError(
+                    "config.model.attention.local needs a content score ('dot', 'general' "
+                    "or 'concat'), not 'location'"
+                )
+            if self.max_source_length is None:
+                raise ValueError(
+                    "config.model.attention.score='location' needs config.model.max_source_length"
+                )
+        if score == "dot" and self.decoder_dim != self.encoder_output_dim:
+            raise ValueError(
+                f"config.model.attention.score='dot' needs the decoder state "
+                f"(config.model.decoder_hidden_dim={self.decoder_dim}) as large as the "
+                f"encoder output ({self.encoder_output_dim} = hidden_dim x directions)"
+            )
+        if self.variant == "bahdanau":
             if self.decoder_layers != 1:
                 fail(
                     f"the 'bahdanau' decoder has one layer, got decoder_layers={self.decoder_layers}"
                 )
             return
-        if self.luong_score not in LUONG_SCORES:
-            fail(f"luong_score must be one of {LUONG_SCORES}, got {self.luong_score!r}")
-        if self.local_mode is not None and self.local_mode not in LOCAL_MODES:
-            fail(f"local_mode must be None or one of {LOCAL_MODES}, got {self.local_mode!r}")
-        if self.local_mode is not None and self.luong_score == "location":
-            fail("local attention needs a content score ('dot', 'general' or 'concat')")
-        if self.local_mode == "local-p" and self.window < 1:
-            fail(f"local-p needs window >= 1, got {self.window}")
-        if self.local_mode == "local-m" and self.window < 0:
-            fail(f"local-m needs window >= 0, got {self.window}")
-        if self.luong_score == "location" and self.max_source_length is None:
-            fail("luong_score='location' needs max_source_length")
-        if self.luong_score == "dot" and self.decoder_dim != self.encoder_output_dim:
-            fail(
-                f"luong_score='dot' needs decoder_hidden_dim == encoder output size "
-                f"{self.encoder_output_dim}, got {self.decoder_dim}"
-            )
         # Luong's decoder starts from the encoder's final states, layer by layer.
         if self.decoder_layers != self.encoder_layers:
             fail(
@@ -141,6 +157,11 @@ class RNNConfig:
             )
 
     @property
+    def mechanism(self) -> AttentionConfig:
+        """`attention` with the decoder's own choices where it left them open (the score)."""
+        return ATTENTION[self.variant].resolve(self.attention)
+
+    @property
     def directions(self) -> int:
         return 2 if self.bidirectional else 1
 
@@ -154,7 +175,7 @@ class RNNConfig:
         """The decoder state size (`decoder_hidden_dim` resolved)."""
         if self.decoder_hidden_dim is not None:
             return self.decoder_hidden_dim
-        return self.hidden_dim if self.attention == "bahdanau" else self.encoder_output_dim
+        return self.hidden_dim if self.variant == "bahdanau" else self.encoder_output_dim
 
 
 def rnnsearch50(**overrides: Any) -> RNNConfig:
@@ -176,7 +197,7 @@ def rnnsearch50(**overrides: Any) -> RNNConfig:
         bidirectional=True,
         decoder_hidden_dim=1000,
         decoder_layers=1,
-        attention="bahdanau",
+        variant="bahdanau",
         attention_dim=1000,
         maxout_units=500,
     )
@@ -202,18 +223,33 @@ def luong_4layer(**overrides: Any) -> RNNConfig:
         bidirectional=False,
         reverse_source=True,
         decoder_layers=4,
-        attention="luong",
-        luong_score="general",
-        local_mode="local-p",
-        window=10,
+        variant="luong",
+        attention=AttentionConfig(score="general", local="local_p", window=10),
         input_feeding=True,
         dropout_rate=0.2,
     )
     return dataclasses.replace(base, **overrides)
 
 
+def small(**overrides: Any) -> RNNConfig:
+    """RNNsearch for the bundled tasks on a few CPU cores: bidirectional GRU encoder of
+    128 per direction, embeddings 64, alignment MLP 128, maxout 128, and a decoder
+    of 256 = the annotations' size, so that every score (the 'dot' one too) applies."""
+    base = RNNConfig(
+        cell="gru",
+        embed_dim=64,
+        hidden_dim=128,
+        bidirectional=True,
+        decoder_hidden_dim=256,
+        variant="bahdanau",
+        attention_dim=128,
+        maxout_units=128,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
 def tiny(**overrides: Any) -> RNNConfig:
-    """A test-sized Bahdanau model (vocab 11, width 16); override `attention` etc. for Luong."""
+    """A test-sized Bahdanau model (vocab 11, width 16); override `variant` etc. for Luong."""
     base = RNNConfig(
         src_vocab_size=11,
         tgt_vocab_size=11,
@@ -222,6 +258,5 @@ def tiny(**overrides: Any) -> RNNConfig:
         hidden_dim=16,
         attention_dim=16,
         maxout_units=8,
-        window=2,
     )
     return dataclasses.replace(base, **overrides)

@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attnx.layers.attention_memory import AttentionMemory
 from attnx.layers.luong_attention import LocalAttention, LuongAttention
 from attnx.layers.params import param
-from attnx.layers.recurrent_attention import AdditiveAttention, AttentionMemory
+from attnx.layers.recurrent_attention import AdditiveAttention
 from attnx.models.rnn_cells import (
     CellState,
     dropout,
@@ -124,9 +125,30 @@ class BahdanauDecoder(_Decoder):
             rngs, stacked_kernel_init, (cfg.hidden_dim, states, n), (None, None, "rnn_hidden"), pdt
         )
         self.init_bias = param(rngs, _zeros, (states, n), (None, "rnn_hidden"), pdt)
-        self.attention = AdditiveAttention(
-            n, annotation, cfg.attention_dim or n, dtype=cfg.dtype, param_dtype=pdt, rngs=rngs
-        )
+        a = cfg.mechanism
+        if a.score == "additive":
+            self.attention = AdditiveAttention(
+                n,
+                annotation,
+                cfg.attention_dim or n,
+                normalizer=a.normalizer,
+                dtype=cfg.dtype,
+                param_dtype=pdt,
+                rngs=rngs,
+            )
+        else:
+            # Luong's scores of s_{i-1}: the same context c_i, other alignment.
+            self.attention = LuongAttention(
+                n,
+                annotation,
+                score=a.score,
+                attention_dim=(cfg.attention_dim or n) if a.score == "concat" else None,
+                max_source_length=cfg.max_source_length if a.score == "location" else None,
+                normalizer=a.normalizer,
+                dtype=cfg.dtype,
+                param_dtype=pdt,
+                rngs=rngs,
+            )
         self.readout_kernel = param(
             rngs, _dense_init, (n + m + annotation, 2 * cfg.maxout_units), (None, "mlp"), pdt
         )
@@ -236,26 +258,28 @@ class LuongDecoder(_Decoder):
                 for layer in range(cfg.decoder_layers)
             ]
         )
+        a = cfg.mechanism
         common = dict(
-            score=cfg.luong_score,
-            attention_dim=(cfg.attention_dim or n) if cfg.luong_score == "concat" else None,
+            score=a.score,
+            attention_dim=(cfg.attention_dim or n) if a.score == "concat" else None,
             output_projection=True,
             output_dim=n,
+            normalizer=a.normalizer,
             dtype=cfg.dtype,
             param_dtype=pdt,
             rngs=rngs,
         )
-        if cfg.local_mode is None:
+        if not a.is_local:
             self.attention = LuongAttention(
                 n,
                 annotation,
-                max_source_length=cfg.max_source_length if cfg.luong_score == "location" else None,
+                max_source_length=cfg.max_source_length if a.score == "location" else None,
                 **common,
             )
         else:
-            self.attention = LocalAttention(
-                n, annotation, window=cfg.window, mode=cfg.local_mode, **common
-            )
+            # The layer names the modes as the paper does: 'local-m', 'local-p'.
+            mode = a.local.replace("_", "-")
+            self.attention = LocalAttention(n, annotation, window=a.window, mode=mode, **common)
 
     def initial_state(self, finals: list[list[CellState]]) -> DecoderState:
         """Layer l starts from encoder layer l's final state; h~_0 = 0 for input feeding."""
@@ -279,7 +303,7 @@ class LuongDecoder(_Decoder):
         self, hidden: Array, memory: AttentionMemory, t: Array | int, key: Array | None
     ) -> tuple[Array, Array]:
         """h_t (`[batch, n]` or `[batch, T, n]` from step t) -> (h~_t, a_t)."""
-        if self.config.local_mode is None:
+        if not self.config.mechanism.is_local:
             context, alpha = self.attention(hidden, memory, return_weights=True)
         else:
             context, alpha = self.attention(hidden, memory, step=t, return_weights=True)

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnx.layers.params import param
+from attnx.models.checks import check_tokens
 from attnx.models.rnn_cells import (
     CellState,
     dropout,
@@ -93,11 +94,7 @@ class RNNEncoder(nnx.Module):
             (forward: after the last real word; backward: after word 0).
         """
         cfg = self.config
-        src = jnp.asarray(src)
-        if src.ndim != 2 or not jnp.issubdtype(src.dtype, jnp.integer):
-            raise ValueError(
-                f"RNNEncoder: src must be int [batch, src_length], got {src.dtype} {src.shape}"
-            )
+        src = check_tokens("RNNEncoder", src, name="src")
         mask = src != 0
         reverse = reversal_indices(mask)
         if cfg.reverse_source:

@@ -40,9 +40,14 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from attnx.layers import masks as masks_lib
-from attnx.layers.positions import LearnedPositions, SinusoidalPositions
-from attnx.models.transformer_blocks import DecoderLayer, EncoderLayer, dense, layer_norm, logical
+from attnx.layers.params import logical_axes
+from attnx.layers.positions import LearnedPositions, RelativePositionBias, SinusoidalPositions
+from attnx.models.checks import check_at_least, check_tokens
+from attnx.models.transformer_blocks import DecoderLayer, EncoderLayer, dense, layer_norm
 from attnx.models.transformer_config import (
+    SHAW_MAX_DISTANCE,
+    T5_BUCKETS,
+    T5_MAX_DISTANCE,
     TransformerConfig,
     tiny,
     transformer_base,
@@ -70,6 +75,8 @@ EMBEDDING_MODULES = (
     "target_embedding",
     "encoder_positions",
     "decoder_positions",
+    "encoder_relative_bias",
+    "decoder_relative_bias",
     "output_projection",
 )
 
@@ -86,16 +93,6 @@ class TransformerEncoding:
 
     memory: Array
     segment_ids: Array
-
-
-def _check_tokens(name: str, tokens: Array) -> Array:
-    tokens = jnp.asarray(tokens)
-    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise ValueError(
-            f"Transformer.{name}: tokens must be integers [batch, length], got "
-            f"{tokens.dtype}{list(tokens.shape)}"
-        )
-    return tokens
 
 
 class Transformer(nnx.Module):
@@ -124,7 +121,7 @@ class Transformer(nnx.Module):
                 vocab_size,
                 d,
                 embedding_init=nnx.initializers.normal(stddev=d**-0.5),
-                embedding_metadata=logical("vocab", "embed"),
+                embedding_metadata=logical_axes("vocab", "embed"),
                 **kw,
             )
 
@@ -132,38 +129,39 @@ class Transformer(nnx.Module):
         self.target_embedding = (
             self.source_embedding if cfg.share_embeddings else embedding(cfg.target_vocab_size)
         )
-        if cfg.positions == "sinusoidal":
+        positions = cfg.mechanism.positions
+        if positions == "sinusoidal":
             self.encoder_positions = SinusoidalPositions(d)
             self.decoder_positions = SinusoidalPositions(d)
-        else:
+        elif positions == "learned":
             self.encoder_positions = LearnedPositions(cfg.max_length, d, **kw)
             self.decoder_positions = LearnedPositions(cfg.max_length, d, **kw)
+        else:
+            # Rotary and relative positions act inside the attention, 'none' nowhere.
+            self.encoder_positions = self.decoder_positions = nnx.data(None)
+        if positions in ("t5_relative", "shaw_relative"):
+            # One bias table per stack, shared by its layers (T5); the decoder's
+            # is unidirectional (its keys are never ahead of the query).
+            buckets = dict(
+                num_buckets=T5_BUCKETS if positions == "t5_relative" else None,
+                max_distance=T5_MAX_DISTANCE if positions == "t5_relative" else SHAW_MAX_DISTANCE,
+            )
+            self.encoder_relative_bias = RelativePositionBias(
+                cfg.num_heads, bidirectional=True, **buckets, **kw
+            )
+            self.decoder_relative_bias = RelativePositionBias(
+                cfg.num_heads, bidirectional=False, **buckets, **kw
+            )
+        else:
+            self.encoder_relative_bias = self.decoder_relative_bias = nnx.data(None)
         self.embedding_dropout = nnx.Dropout(
             cfg.dropout_rate, rngs=rngs if cfg.dropout_rate > 0 else None
         )
-        layer_kw = dict(
-            num_kv_heads=cfg.num_kv_heads,
-            dropout_rate=cfg.dropout_rate,
-            attention_dropout_rate=cfg.attention_dropout_rate,
-            relu_dropout_rate=cfg.relu_dropout_rate,
-            pre_ln=cfg.pre_ln,
-            use_bias=cfg.use_bias,
-            layer_norm_epsilon=cfg.layer_norm_epsilon,
-            implementation=cfg.attention_implementation,
-            sow_weights=cfg.sow_weights,
-            **kw,
-        )
         self.encoder_layers = nnx.List(
-            [
-                EncoderLayer(d, cfg.num_heads, cfg.d_ff, **layer_kw)
-                for _ in range(cfg.num_encoder_layers)
-            ]
+            [EncoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_encoder_layers)]
         )
         self.decoder_layers = nnx.List(
-            [
-                DecoderLayer(d, cfg.num_heads, cfg.d_ff, **layer_kw)
-                for _ in range(cfg.num_decoder_layers)
-            ]
+            [DecoderLayer(cfg, rngs=rngs) for _ in range(cfg.num_decoder_layers)]
         )
         if cfg.pre_ln:
             # Pre-LN leaves each stack's output unnormalised; a final LayerNorm fixes its scale.
@@ -189,7 +187,8 @@ class Transformer(nnx.Module):
     ) -> Array:
         """Dropout(sqrt(d_model) E[tokens] + PE[positions]) (sec. 3.4, 3.5, 5.4)."""
         x = table(tokens) * jnp.asarray(math.sqrt(self.config.d_model), self.config.dtype)
-        x = positions_module(x, positions)
+        if positions_module is not None:
+            x = positions_module(x, positions)
         return self.embedding_dropout(x, deterministic=deterministic)
 
     def _logits(self, y: Array) -> Array:
@@ -223,7 +222,7 @@ class Transformer(nnx.Module):
         Returns:
           A `TransformerEncoding`, and the weights if asked.
         """
-        src = _check_tokens("encode", src)
+        src = check_tokens("Transformer.encode", src)
         valid = src != 0
         if segment_ids is None:
             segment_ids = valid.astype(jnp.int32)
@@ -239,11 +238,19 @@ class Transformer(nnx.Module):
         x = self._embed(
             src, self.source_embedding, self.encoder_positions, positions, deterministic
         )
+        bias = None
+        if self.encoder_relative_bias is not None:
+            length = src.shape[1]
+            bias = self.encoder_relative_bias(
+                length, length, q_positions=positions, k_positions=positions
+            )
         weights = {}
         for i, layer in enumerate(self.encoder_layers):
             x, w = layer(
                 x,
                 segment_ids=segment_ids,
+                positions=positions,
+                bias=bias,
                 deterministic=deterministic,
                 return_weights=return_weights,
             )
@@ -257,7 +264,17 @@ class Transformer(nnx.Module):
     # -- decoder -------------------------------------------------------------
 
     def _run_decoder(
-        self, y, memory, *, cross_mask, segment_ids, decode, deterministic, return_weights
+        self,
+        y,
+        memory,
+        *,
+        cross_mask,
+        segment_ids,
+        positions,
+        self_bias,
+        decode,
+        deterministic,
+        return_weights,
     ):
         weights = {}
         cross = None
@@ -267,6 +284,8 @@ class Transformer(nnx.Module):
                 memory,
                 cross_mask=cross_mask,
                 segment_ids=segment_ids,
+                positions=positions,
+                self_bias=self_bias,
                 decode=decode,
                 deterministic=deterministic,
                 return_weights=return_weights,
@@ -307,13 +326,8 @@ class Transformer(nnx.Module):
         Returns:
           logits `[batch, tgt_len, tgt_vocab]`, and the weights if asked.
         """
-        tgt_in = _check_tokens("decode", tgt_in)
         memory, source_ids = encoded.memory, encoded.segment_ids
-        if memory.shape[0] != tgt_in.shape[0]:
-            raise ValueError(
-                f"Transformer.decode: tgt_in batch {tgt_in.shape[0]} != encoded batch "
-                f"{memory.shape[0]}"
-            )
+        tgt_in = check_tokens("Transformer.decode", tgt_in, batch=memory.shape[0])
         if segment_ids is None:
             cross_mask = masks_lib.padding_mask(None, source_ids > 0)
             pair = None
@@ -329,11 +343,19 @@ class Transformer(nnx.Module):
         y = self._embed(
             tgt_in, self.target_embedding, self.decoder_positions, positions, deterministic
         )
+        self_bias = None
+        if self.decoder_relative_bias is not None:
+            length = tgt_in.shape[1]
+            self_bias = self.decoder_relative_bias(
+                length, length, q_positions=positions, k_positions=positions
+            )
         return self._run_decoder(
             y,
             memory,
             cross_mask=cross_mask,
             segment_ids=pair,
+            positions=positions,
+            self_bias=self_bias,
             decode=False,
             deterministic=deterministic,
             return_weights=return_weights,
@@ -390,9 +412,8 @@ class Transformer(nnx.Module):
           encoded: from `encode` (unpacked; tiled by beam if needed).
           max_length: the most tokens `decode_step` will be called with.
         """
-        if max_length < 1:
-            raise ValueError(f"Transformer.init_cache: max_length must be >= 1, got {max_length}")
-        if self.config.positions == "learned" and max_length > self.config.max_length:
+        check_at_least("Transformer.init_cache", max_length=max_length)
+        if self.config.mechanism.positions == "learned" and max_length > self.config.max_length:
             raise ValueError(
                 f"Transformer.init_cache: max_length={max_length} exceeds the learned "
                 f"positions' config.max_length={self.config.max_length}"
@@ -419,21 +440,27 @@ class Transformer(nnx.Module):
         """
         if self.cache_step is None:
             raise ValueError("Transformer.decode_step: call init_cache(encoded, max_length) first")
-        tokens = _check_tokens("decode_step", tokens)
         source_valid = self.cache_source_valid[...]
-        if tokens.shape != (source_valid.shape[0], 1):
-            raise ValueError(
-                f"Transformer.decode_step: tokens must be [{source_valid.shape[0]}, 1], got "
-                f"{tokens.shape}"
-            )
+        tokens = check_tokens(
+            "Transformer.decode_step", tokens, batch=source_valid.shape[0], length=1
+        )
         step = self.cache_step[...]
         positions = jnp.broadcast_to(step, tokens.shape)
         y = self._embed(tokens, self.target_embedding, self.decoder_positions, positions, True)
+        self_bias = None
+        if self.decoder_relative_bias is not None:
+            # The new token at `step` against every cache slot (later slots are masked).
+            cache_length = self.decoder_layers[0].self_attention.cached_key[...].shape[1]
+            self_bias = self.decoder_relative_bias(
+                1, cache_length, q_positions=positions[:1, 0], k_positions=None
+            )
         out = self._run_decoder(
             y,
             None,
             cross_mask=masks_lib.padding_mask(None, source_valid),
             segment_ids=None,
+            positions=positions,
+            self_bias=self_bias,
             decode=True,
             deterministic=True,
             return_weights=return_weights,

@@ -24,17 +24,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnx.layers.multi_head import MultiHeadAttention
+from attnx.layers.params import logical_axes
 
 Array = jax.Array
 Weights = Array | None
 
 # tensor2tensor and fairseq initialise every projection with Glorot/Xavier uniform.
 _kernel_init = nnx.initializers.xavier_uniform()
-
-
-def logical(*axes: str | None) -> dict:
-    """Variable metadata giving logical axis names to a parameter of an nnx layer."""
-    return {"out_sharding": axes, "eager_sharding": False}
+# Rotary positions' base wavelength (Su et al. 2021, eq. 15: theta_i = 10000^(-2i/d)).
+ROTARY_BASE = 10000.0
 
 
 def dense(
@@ -55,8 +53,8 @@ def dense(
         dtype=dtype,
         param_dtype=param_dtype,
         kernel_init=_kernel_init,
-        kernel_metadata=logical(*axes),
-        bias_metadata=logical(axes[1]),
+        kernel_metadata=logical_axes(*axes),
+        bias_metadata=logical_axes(axes[1]),
         rngs=rngs,
     )
 
@@ -70,8 +68,8 @@ def layer_norm(
         epsilon=epsilon,
         dtype=dtype,
         param_dtype=param_dtype,
-        scale_metadata=logical("embed"),
-        bias_metadata=logical("embed"),
+        scale_metadata=logical_axes("embed"),
+        bias_metadata=logical_axes("embed"),
         rngs=rngs,
     )
 
@@ -143,17 +141,25 @@ class _ResidualLayer(nnx.Module):
         return x
 
 
-def _attention(num_heads, d_model, *, num_kv_heads, rate, use_bias, implementation, sow, **kw):
+def _attention(cfg, *, rotary: bool, rngs: nnx.Rngs) -> MultiHeadAttention:
+    """One multi-head attention of the model, as `cfg.attention` describes it."""
+    a = cfg.mechanism
     return MultiHeadAttention(
-        num_heads,
-        d_model,
-        num_kv_heads=num_kv_heads,
-        dropout_rate=rate,
-        use_bias=use_bias,
-        implementation=implementation,
-        sow_weights=sow,
+        cfg.num_heads,
+        cfg.d_model,
+        num_kv_heads=a.num_kv_heads,
+        dropout_rate=a.dropout_rate,
+        use_bias=cfg.use_bias,
+        implementation=a.implementation,
+        normalizer=a.normalizer,
+        # 'dot' drops eq. (1)'s 1 / sqrt(d_k).
+        scale=1.0 if a.score == "dot" else None,
+        rotary_base=ROTARY_BASE if rotary else None,
+        sow_weights=cfg.sow_weights,
         kernel_init=_kernel_init,
-        **kw,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        rngs=rngs,
     )
 
 
@@ -162,59 +168,33 @@ class EncoderLayer(_ResidualLayer):
     connection and layer normalisation.
 
     Args:
-      d_model, num_heads, d_ff: sizes (sec. 3.1, 3.2.2, eq. 2).
-      num_kv_heads: key/value heads of the attention (None = `num_heads`).
-      dropout_rate: residual dropout (sec. 5.4).
-      attention_dropout_rate: dropout on the attention weights.
-      relu_dropout_rate: dropout inside the FFN.
-      pre_ln: pre-LN instead of the paper's post-LN.
-      use_bias: biases on the attention projections.
-      implementation: attention implementation (see `attnx.layers.attention`).
-      sow_weights: the attention sows its weights into `nnx.Intermediate`.
+      config: the model's `TransformerConfig`: sizes (d_model, num_heads, d_ff),
+        the attention (`config.attention`: normalizer, score, rotary positions,
+        local window, kernel, key/value heads, weight dropout), residual and
+        ReLU dropout, pre-LN, biases, LayerNorm epsilon, dtypes, sow_weights.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        num_heads: int,
-        d_ff: int,
-        *,
-        num_kv_heads: int | None = None,
-        dropout_rate: float = 0.0,
-        attention_dropout_rate: float = 0.0,
-        relu_dropout_rate: float = 0.0,
-        pre_ln: bool = False,
-        use_bias: bool = True,
-        layer_norm_epsilon: float = 1e-6,
-        implementation: str | None = None,
-        sow_weights: bool = False,
-        dtype: jnp.dtype = jnp.float32,
-        param_dtype: jnp.dtype = jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        norm_kw = dict(epsilon=layer_norm_epsilon, **kw)
-        self.pre_ln = pre_ln
-        self.self_attention = _attention(
-            num_heads,
-            d_model,
-            num_kv_heads=num_kv_heads,
-            rate=attention_dropout_rate,
-            use_bias=use_bias,
-            implementation=implementation,
-            sow=sow_weights,
-            **kw,
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        cfg = config
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        norm_kw = dict(epsilon=cfg.layer_norm_epsilon, **kw)
+        self.pre_ln = cfg.pre_ln
+        self.local_window = cfg.mechanism.window if cfg.mechanism.is_local else None
+        self.self_attention = _attention(cfg, rotary=cfg.mechanism.positions == "rotary", rngs=rngs)
+        self.self_attention_norm = layer_norm(cfg.d_model, **norm_kw)
+        self.feed_forward = FeedForward(
+            cfg.d_model, cfg.d_ff, relu_dropout_rate=cfg.relu_dropout_rate, **kw
         )
-        self.self_attention_norm = layer_norm(d_model, **norm_kw)
-        self.feed_forward = FeedForward(d_model, d_ff, relu_dropout_rate=relu_dropout_rate, **kw)
-        self.feed_forward_norm = layer_norm(d_model, **norm_kw)
-        self.dropout = _dropout(dropout_rate, rngs)
+        self.feed_forward_norm = layer_norm(cfg.d_model, **norm_kw)
+        self.dropout = _dropout(cfg.dropout_rate, rngs)
 
     def __call__(
         self,
         x: Array,
         *,
         segment_ids: Array | None = None,
+        positions: Array | None = None,
+        bias: Array | None = None,
         deterministic: bool = True,
         return_weights: bool = False,
     ) -> tuple[Array, Weights]:
@@ -223,6 +203,9 @@ class EncoderLayer(_ResidualLayer):
         Args:
           segment_ids: `[batch, src_len]`, 0 at padding; tokens attend only within
             their own segment (padding mask, and packed sequences).
+          positions: `[batch, src_len]` positions within segments, for rotary
+            positions (default `0 .. src_len - 1`).
+          bias: a relative position bias `[1 or batch, heads, src_len, src_len]`.
           deterministic: no dropout.
           return_weights: also return the self-attention weights `[batch, heads, s, s]`.
 
@@ -234,6 +217,9 @@ class EncoderLayer(_ResidualLayer):
             out = self.self_attention(
                 h,
                 segment_ids=segment_ids,
+                positions=positions,
+                bias=bias,
+                local_window=self.local_window,
                 deterministic=deterministic,
                 return_weights=return_weights,
             )
@@ -248,7 +234,9 @@ class DecoderLayer(_ResidualLayer):
     output ("encoder-decoder attention", sec. 3.2.3), then the FFN; each with a
     residual connection and layer normalisation.
 
-    Same arguments as `EncoderLayer`.
+    Same arguments as `EncoderLayer`. Rotary positions and the local window
+    apply to the self-attention only (the cross-attention's keys are source
+    positions); the decoder's window is the D positions before each token.
 
     For incremental decoding the layer holds, after `init_cross_cache`, the
     encoder output's keys and values projected once by the cross-attention
@@ -256,43 +244,22 @@ class DecoderLayer(_ResidualLayer):
     and its self-attention holds its own key/value cache.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        num_heads: int,
-        d_ff: int,
-        *,
-        num_kv_heads: int | None = None,
-        dropout_rate: float = 0.0,
-        attention_dropout_rate: float = 0.0,
-        relu_dropout_rate: float = 0.0,
-        pre_ln: bool = False,
-        use_bias: bool = True,
-        layer_norm_epsilon: float = 1e-6,
-        implementation: str | None = None,
-        sow_weights: bool = False,
-        dtype: jnp.dtype = jnp.float32,
-        param_dtype: jnp.dtype = jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        norm_kw = dict(epsilon=layer_norm_epsilon, **kw)
-        attention_kw = dict(
-            num_kv_heads=num_kv_heads,
-            rate=attention_dropout_rate,
-            use_bias=use_bias,
-            implementation=implementation,
-            sow=sow_weights,
-            **kw,
+    def __init__(self, config, *, rngs: nnx.Rngs):
+        cfg = config
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        norm_kw = dict(epsilon=cfg.layer_norm_epsilon, **kw)
+        self.pre_ln = cfg.pre_ln
+        # Causal: a token sees itself and the D tokens before it.
+        self.local_window = (cfg.mechanism.window, 0) if cfg.mechanism.is_local else None
+        self.self_attention = _attention(cfg, rotary=cfg.mechanism.positions == "rotary", rngs=rngs)
+        self.self_attention_norm = layer_norm(cfg.d_model, **norm_kw)
+        self.cross_attention = _attention(cfg, rotary=False, rngs=rngs)
+        self.cross_attention_norm = layer_norm(cfg.d_model, **norm_kw)
+        self.feed_forward = FeedForward(
+            cfg.d_model, cfg.d_ff, relu_dropout_rate=cfg.relu_dropout_rate, **kw
         )
-        self.pre_ln = pre_ln
-        self.self_attention = _attention(num_heads, d_model, **attention_kw)
-        self.self_attention_norm = layer_norm(d_model, **norm_kw)
-        self.cross_attention = _attention(num_heads, d_model, **attention_kw)
-        self.cross_attention_norm = layer_norm(d_model, **norm_kw)
-        self.feed_forward = FeedForward(d_model, d_ff, relu_dropout_rate=relu_dropout_rate, **kw)
-        self.feed_forward_norm = layer_norm(d_model, **norm_kw)
-        self.dropout = _dropout(dropout_rate, rngs)
+        self.feed_forward_norm = layer_norm(cfg.d_model, **norm_kw)
+        self.dropout = _dropout(cfg.dropout_rate, rngs)
         self.cross_key = self.cross_value = nnx.data(None)
 
     def init_cross_cache(self, memory: Array) -> None:
@@ -308,6 +275,8 @@ class DecoderLayer(_ResidualLayer):
         *,
         cross_mask: Array | None = None,
         segment_ids: tuple[Array, Array] | None = None,
+        positions: Array | None = None,
+        self_bias: Array | None = None,
         decode: bool = False,
         deterministic: bool = True,
         return_weights: bool = False,
@@ -322,6 +291,11 @@ class DecoderLayer(_ResidualLayer):
           segment_ids: packed sequences: `(target_ids [batch, tgt_len],
             source_ids [batch, src_len])`; self-attention stays within a target
             segment, cross-attention within the matching source segment.
+          positions: `[batch, tgt_len]` target positions for rotary positions
+            (default: 0.., or the cache index onwards with `decode=True`).
+          self_bias: a relative position bias on the self-attention logits,
+            `[1 or batch, heads, tgt_len, tgt_len]` (`[.., tgt_len, cache_len]`
+            with `decode=True`).
           decode: the tokens are the next ones of an incremental decode: the
             self-attention reads and extends its cache, the cross-attention uses
             `cross_key` / `cross_value`.
@@ -348,6 +322,9 @@ class DecoderLayer(_ResidualLayer):
                 is_causal=not decode,
                 decode=decode,
                 segment_ids=target_ids,
+                positions=positions,
+                bias=self_bias,
+                local_window=self.local_window,
                 deterministic=deterministic,
                 return_weights=return_weights,
             )

@@ -55,6 +55,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from attnx.errors import RunError
 from attnx.training import checkpoint_integrity as integrity
 from attnx.training.checkpoint_items import (
     ProcessJsonRestore,
@@ -63,7 +64,6 @@ from attnx.training.checkpoint_items import (
     attnx_version,
     check_target,
 )
-from attnx.training.errors import RunError
 from attnx.training.multihost import all_agree, sync
 from attnx.training.preemption import StopRequests
 
@@ -82,7 +82,11 @@ class _WithoutTrackedMetricWarning(python_logging.Filter):
     among the latest. A read-only directory: the read-only modes open it so.
     """
 
-    EXPECTED = ("did not provide metrics", "Given directory is read only")
+    EXPECTED = (
+        "did not provide metrics",
+        "Given directory is read only",
+        "CheckpointManagerOptions.read_only=True",
+    )
 
     def filter(self, record: python_logging.LogRecord) -> bool:
         return not any(text in str(record.msg) for text in self.EXPECTED)

@@ -11,10 +11,11 @@ import ml_collections
 from ml_collections import config_dict
 
 from attnx.data import tasks
-from attnx.models import MODELS
+from attnx.models import MODELS, make_model_config, model_section, spec_of
+from attnx.training.config_overrides import model_config_dict
 
-# config.task keys that say which record fields a task reads.
-TASK_KEYS = ("source_key", "target_key", "image_key", "caption_key", "caption_choice")
+# config.task keys that say which record fields a TFDS task reads.
+TASK_KEYS = tasks.TASK_KEYS
 
 TOKENIZERS = ("char", "byte", "sentencepiece")
 
@@ -41,8 +42,30 @@ def base_config() -> ml_collections.ConfigDict:
         # scores against all of them either way.
         caption_choice=config_dict.placeholder(str),
         image_size=config_dict.placeholder(tuple),
+        # A TFDS builder of your own: a module path or a .py file, imported
+        # before `dataset` is looked up, so that `dataset` can name its builder.
+        builder_module=config_dict.placeholder(str),
+        # dataset='files': your own files (attnx/data/files_kind.py). Paths or
+        # globs per split, relative to the directory the command starts in.
+        files=dict(
+            train=config_dict.placeholder(str),
+            validation=config_dict.placeholder(str),
+            test=config_dict.placeholder(str),
+            # 'tsv', 'jsonl', 'text_pairs' (train.en + train.de) or 'jsonl_images'.
+            format="tsv",
+            header=False,
+            source_field="source",
+            target_field="target",
+            source_suffix=config_dict.placeholder(str),
+            target_suffix=config_dict.placeholder(str),
+            image_field="image",
+            caption_field="caption",
+            image_channels=3,
+        ),
     )
-    c.model = dict(name="transformer", preset=config_dict.placeholder(str))
+    # Every field of the architecture, so that any of them can be set from the
+    # command line or a sweep (the Transformer's defaults are the paper's base model).
+    c.model = model_config_dict(model_section("transformer"))
     c.train = dict(
         steps=1000,
         batch_size=64,
@@ -94,6 +117,15 @@ def base_config() -> ml_collections.ConfigDict:
         bleu_tokenize="13a",
     )
     c.mesh = dict(data=-1, fsdp=1, tensor=1, rules=())
+    # --mode=decode on your own inputs (attnx.training.interactive); beam_size and
+    # batch_size unset take the run's eval.* values (batch 1 on a terminal).
+    c.decode = dict(
+        input=config_dict.placeholder(str),  # a file of one input a line, or '-' (stdin)
+        beam_size=config_dict.placeholder(int),
+        nbest=1,
+        alignments=False,
+        batch_size=config_dict.placeholder(int),
+    )
     return c
 
 
@@ -147,11 +179,41 @@ def _positive(key: str, value) -> None:
 
 def make_task(config: ml_collections.ConfigDict) -> tasks.Task:
     """The task of config.task: the dataset and the record fields it reads."""
-    keys = {key: config.task.get(key) for key in TASK_KEYS if config.task.get(key)}
     try:
-        return tasks.get_task(config.task.dataset, **keys)
+        return tasks.task_from_config(config.task)
     except ValueError as error:
         raise ValueError(f"config.task: {error}") from None
+
+
+def task_source_kind(task: tasks.Task) -> str:
+    """'image' for a captioning task, else 'text': what a model's encoder must read."""
+    return "image" if isinstance(task, tasks.CaptionTask) else "text"
+
+
+def check_model(config: ml_collections.ConfigDict, task: tasks.Task) -> None:
+    """The model section against its architecture and the task, before any data is read.
+
+    Builds the architecture's config dataclass with a stand-in vocabulary (the
+    tokenizer's comes later), so every field and attention check runs now.
+    """
+    spec = spec_of(config.model.name)
+    kind = task_source_kind(task)
+    if spec.source_kind != kind:
+        fitting = sorted(name for name, s in MODELS.items() if s.source_kind == kind)
+        raise ValueError(
+            f"config.model.name={config.model.name!r} reads {spec.source_kind} sources, but "
+            f"config.task.dataset={config.task.dataset!r} gives {kind}; use one of {fitting}"
+        )
+    if config.train.attention_penalty and not spec.attention_penalty:
+        raise ValueError(
+            f"config.train.attention_penalty={config.train.attention_penalty}: the doubly "
+            f"stochastic regulariser (Xu et al. 2015) is for spatial attention; the "
+            f"{config.model.name} has none (set it to 0)"
+        )
+    stand_in = config.task.get("vocab_size") or 260
+    make_model_config(
+        config.model.to_dict(), source_vocab_size=stand_in, target_vocab_size=stand_in
+    )
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -161,7 +223,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{section} is missing (start from base_config())")
     _choice("model.name", config.model.name, sorted(MODELS))
     _choice("task.tokenizer", config.task.tokenizer, TOKENIZERS)
-    make_task(config)
+    task = make_task(config)
+    check_model(config, task)
+    tasks.check_task_config(config.task)
     for key in (
         "train.steps",
         "train.batch_size",
@@ -196,10 +260,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.checkpoint.keep >= it (keep={config.checkpoint.keep})"
         )
     _choice("checkpoint.best_mode", config.checkpoint.best_mode, ("max", "min"))
-    if config.task.packing and config.model.name != "transformer":
+    if config.task.packing and not spec_of(config.model.name).packing:
+        packers = sorted(name for name, spec in MODELS.items() if spec.packing)
         raise ValueError(
-            f"config.task.packing=True needs model.name='transformer' (packed segments); "
-            f"got {config.model.name!r}"
+            f"config.task.packing=True: the {config.model.name} takes one sequence per row; "
+            f"packed rows need model.name in {packers}"
         )
     devices = jax.device_count()
     sizes = {axis: config.mesh[axis] for axis in ("data", "fsdp", "tensor")}
@@ -217,3 +282,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
             )
     elif fixed != devices:
         raise ValueError(f"config.mesh {sizes} needs {fixed} devices, but there are {devices}")
+    _validate_decode(config)
+
+
+def _validate_decode(config: ml_collections.ConfigDict) -> None:
+    """The config.decode keys (a config without the section, from an older attnx, passes)."""
+    if "decode" not in config:
+        return
+    decode = config.decode
+    for key in ("beam_size", "batch_size"):
+        if decode[key] is not None:
+            _positive(f"decode.{key}", decode[key])
+    _positive("decode.nbest", decode.nbest)
+    if decode.beam_size is not None and decode.nbest > decode.beam_size:
+        raise ValueError(
+            f"config.decode.nbest={decode.nbest} is more than config.decode.beam_size="
+            f"{decode.beam_size}: beam search keeps only that many hypotheses"
+        )
+    if decode.input is not None and not decode.input:
+        raise ValueError("config.decode.input is empty; give a file, or - for standard input")

@@ -29,22 +29,18 @@ Schedules are functions of the optimizer's update count `c` (0 for the first
 update, as in optax); they evaluate the papers' formulas at the 1-based step
 `s = c + 1`, so the first update is never taken with a zero learning rate.
 
-Gradient accumulation is explicit, inside the jitted train step
-(`accumulate_gradients`), not `optax.MultiSteps`: the step receives the whole
-global batch, scans over `grad_accum_steps` micro-batches summing the gradients
-of the *summed* token loss, and divides once by the total token weight. That
-is the gradient of the large batch up to float summation order, even when the
-micro-batches hold different numbers of real tokens (a mean of per-micro-batch
-means is not), and one call of the step stays one optimizer update, so the
-step counter, the schedule and checkpoints mean the same with or without
-accumulation. `make_optimizer` therefore does not read `grad_accum_steps`.
+Gradient accumulation is not an optimizer transformation (no
+`optax.MultiSteps`): the train step does it (`attnx.training.steps`,
+`accumulate_gradients`), so one call of the step stays one optimizer update
+and `make_optimizer` does not read `grad_accum_steps`. Checkpoint averaging
+is in `attnx.training.checkpoint_averaging`.
 
 The optimizer always works on float32 parameters (`config.train.dtype` =
 'bfloat16' changes only the models' compute dtype); `init` rejects other
 floating parameter dtypes.
 """
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -292,7 +288,7 @@ def _make_schedule(train_config: Mapping[str, Any], model_dim: int | None) -> Sc
         if not scale:
             if not model_dim:
                 raise ValueError(
-                    "schedule='rsqrt' needs d_model: pass make_optimizer(..., model_dim=) "
+                    "schedule='rsqrt' needs the model's width: pass make_optimizer(..., model_dim=) "
                     "or set config.train.rsqrt_scale."
                 )
             scale = model_dim**-0.5
@@ -371,127 +367,3 @@ def make_optimizer(
     if _field(train_config, "schedule") == "plateau":
         parts.append(scale_by_lr_scale())
     return optax.chain(*parts), schedule
-
-
-# --------------------------------------------------------------------------- accumulation
-
-
-def split_micro_batches(batch: Any, num_micro_batches: int) -> Any:
-    """Reshapes every leaf [B, ...] of `batch` to [k, B/k, ...]; micro-batch i = rows i::k.
-
-    Strided rather than contiguous: when the batch axis is sharded over devices,
-    each device's contiguous block of rows then holds rows of every micro-batch,
-    so no micro-batch lives on a subset of the devices.
-    """
-    k = num_micro_batches
-    if int(k) != k or k < 1:
-        raise ValueError(f"config.train.grad_accum_steps={k!r} must be an int >= 1.")
-    leaves = jax.tree.leaves(batch)
-    sizes = {leaf.shape[0] for leaf in leaves}
-    if len(sizes) != 1:
-        raise ValueError(f"Batch leaves have different leading (batch) sizes {sorted(sizes)}.")
-    (size,) = sizes
-    if size % k:
-        raise ValueError(
-            f"Batch size {size} is not divisible by config.train.grad_accum_steps={k}."
-        )
-    return jax.tree.map(lambda x: x.reshape(size // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
-
-
-def accumulate_gradients(
-    loss_fn: Callable[..., tuple[jax.Array, tuple[jax.Array, Any]]],
-    params: Any,
-    batch: Any,
-    num_micro_batches: int,
-    rng: jax.Array | None = None,
-) -> tuple[tuple[jax.Array, jax.Array, Any], Any]:
-    """Gradient of the token-mean loss of `batch`, over `num_micro_batches` passes.
-
-    Args:
-      loss_fn: `loss_fn(params, micro_batch, rng) -> (loss_sum, (weight_sum, aux))`
-        where loss_sum is the *summed* (not averaged) loss, weight_sum the number
-        (weight) of the tokens it sums over, and aux a pytree of sums (e.g.
-        metric (sum, count) pairs) that is added across micro-batches.
-      params: the float32 parameters (any pytree, e.g. an nnx.State).
-      batch: pytree of arrays with a common leading batch axis B.
-      num_micro_batches: k (config.train.grad_accum_steps); B % k == 0.
-      rng: optional key; micro-batch i gets fold_in(rng, i) (the key itself when k = 1).
-
-    Returns:
-      ((loss_sum, weight_sum, aux_sum), grads) with grads = d loss_sum / d params
-      divided by the total weight_sum (zero when there is no weight). Within
-      float summation order this equals the gradient of one pass over `batch`.
-    """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    if num_micro_batches == 1:
-        (loss_sum, (weight_sum, aux)), grads = grad_fn(params, batch, rng)
-    else:
-        micro_batches = split_micro_batches(batch, num_micro_batches)
-        first = jax.tree.map(lambda x: x[0], micro_batches)
-        out_shapes = jax.eval_shape(loss_fn, params, first, rng)
-
-        def zeros_like_shape(s):
-            return jnp.zeros(s.shape, s.dtype)
-
-        init = (
-            jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params),
-            jnp.zeros([], jnp.float32),
-            jnp.zeros([], jnp.float32),
-            jax.tree.map(zeros_like_shape, out_shapes[1][1]),
-        )
-
-        def body(carry, inputs):
-            grad_sum, loss_acc, weight_acc, aux_acc = carry
-            index, micro_batch = inputs
-            micro_rng = None if rng is None else jax.random.fold_in(rng, index)
-            (loss, (weight, aux)), grads = grad_fn(params, micro_batch, micro_rng)
-            carry = (
-                jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads),
-                loss_acc + loss,
-                weight_acc + weight,
-                jax.tree.map(jnp.add, aux_acc, aux),
-            )
-            return carry, None
-
-        indices = jnp.arange(num_micro_batches)
-        (grads, loss_sum, weight_sum, aux), _ = jax.lax.scan(body, init, (indices, micro_batches))
-    denominator = jnp.where(weight_sum > 0, weight_sum, 1.0)
-    grads = jax.tree.map(lambda g: g / denominator, grads)
-    return (loss_sum, weight_sum, aux), grads
-
-
-# --------------------------------------------------------------------------- averaging
-
-
-def average_checkpoints(param_trees: Sequence[Any]) -> Any:
-    """The float32 mean of several parameter trees (e.g. the last N checkpoints).
-
-    Floating leaves are averaged in float32; other leaves (integer counters,
-    PRNG keys) are taken from the last tree. All trees must have the same
-    structure and shapes.
-    """
-    trees = list(param_trees)
-    if not trees:
-        raise ValueError("average_checkpoints needs at least one parameter tree.")
-    structure = jax.tree.structure(trees[0])
-    for i, tree in enumerate(trees[1:], start=1):
-        if jax.tree.structure(tree) != structure:
-            raise ValueError(f"average_checkpoints: tree {i} differs in structure from tree 0.")
-        for (path, a), b in zip(
-            jax.tree_util.tree_leaves_with_path(trees[0]), jax.tree.leaves(tree), strict=True
-        ):
-            if jnp.shape(a) != jnp.shape(b):
-                raise ValueError(
-                    f"average_checkpoints: {jax.tree_util.keystr(path)} has shape "
-                    f"{jnp.shape(b)} in tree {i} but {jnp.shape(a)} in tree 0."
-                )
-
-    def mean(*leaves):
-        if not jnp.issubdtype(jnp.result_type(leaves[-1]), jnp.floating):
-            return leaves[-1]
-        total = jnp.asarray(leaves[0], jnp.float32)
-        for leaf in leaves[1:]:
-            total = total + jnp.asarray(leaf, jnp.float32)
-        return total / len(leaves)
-
-    return jax.tree.map(mean, *trees)

@@ -10,7 +10,9 @@ only under `WORKDIR/<mode>/`, never into the training record:
   decode     beam-searches the whole evaluation split into
              `decode/predictions_step_N.tsv` (source, reference, hypothesis,
              score), warning about source characters outside the vocabulary;
-             its metrics go to `decode/metrics.jsonl`;
+             its metrics go to `decode/metrics.jsonl`. With
+             `--config.decode.input=FILE` (or `-`) it decodes your own inputs
+             instead, printing hypotheses to stdout (`interactive.py`);
   visualize  plots the attention of `config.eval.num_plots` examples into
              `visualize/plots/step_N/` (and its TensorBoard run); no metrics,
              which over a handful of examples would mean nothing.
@@ -43,6 +45,12 @@ def read_run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; choose one of {MODES}")
     workdir = workdir_lib.resolve(workdir, what="workdir")
+    if mode == "decode" and config.get("decode") and config.decode.input:
+        # Your own inputs, not the evaluation split: no data, no files written.
+        from attnx.training.interactive import run_input_mode
+
+        run_input_mode(config, workdir)
+        return {}
     run = Run.build(config, workdir, mode=mode)
     try:
         run.restore()

@@ -24,10 +24,10 @@ from absl import logging
 from flax import nnx
 
 from attnx.data import pipeline, tasks, tokenizers
-from attnx.models import build_model, make_model_config
+from attnx.errors import RunError
+from attnx.models import build_model, make_model_config, model_width, spec_of
 from attnx.training import checkpoint_items, checkpoints, evaluate, optimizers, sharding, steps
 from attnx.training import config as config_lib
-from attnx.training.errors import RunError
 from attnx.training.logging import MetricsWriter
 
 
@@ -62,7 +62,7 @@ def _pipeline(
 
 
 def _model_config(config: ml_collections.ConfigDict, vocab_size: int):
-    captions = config.model.name == "captioner"
+    captions = spec_of(config.model.name).source_kind == "image"
     return make_model_config(
         config.model.to_dict(),
         source_vocab_size=None if captions else vocab_size,
@@ -107,7 +107,8 @@ class Run:
           mode: 'train' or one of the read-only modes.
         """
         read_only = mode != "train"
-        captions = config.model.name == "captioner"
+        # An image-to-text model: its source is the batch's 'image' (the model's spec says).
+        captions = spec_of(config.model.name).source_kind == "image"
 
         # --- Mesh ------------------------------------------------------------
         mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -124,15 +125,14 @@ class Run:
 
         # --- Data ------------------------------------------------------------
         task = config_lib.make_task(config)
-        data_dir = config.task.data_dir
-        eval_source = tasks.open_source(config.task.dataset, config.task.eval_split, data_dir)
+        eval_source = tasks.open_split(config.task, config.task.eval_split)
         vocab_dir = os.path.join(workdir, "vocab")
         if read_only:
             # A read-only mode uses the run's own vocabulary; it never builds one.
             train_source = None
             tokenizer = tokenizers.load_tokenizer(vocab_dir)
         else:
-            train_source = tasks.open_source(config.task.dataset, "train", data_dir)
+            train_source = tasks.open_split(config.task, "train")
             tokenizer = pipeline.build_or_load_task_tokenizer(
                 config.task.tokenizer, vocab_dir, task, train_source, config.task.get("vocab_size")
             )
@@ -148,7 +148,7 @@ class Run:
 
         abstract_model = nnx.eval_shape(create_model)
         graphdef, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
-        model_dim = getattr(model_config, "d_model", None)
+        model_dim = model_width(config.model.name, model_config)
         optimizer, schedule = optimizers.make_optimizer(config.train, model_dim=model_dim)
 
         # --- Sharding --------------------------------------------------------

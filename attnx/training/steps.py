@@ -12,6 +12,16 @@ Hard attention (Xu et al. 2015, sec. 4.1) trains with the REINFORCE surrogate
 of `caption_losses.hard_attention_loss`; its moving-average baseline b is part
 of `TrainState`, updated once per optimizer step from the mean log p(y | s, a)
 of every real caption of the global batch (all micro-batches).
+
+Gradient accumulation is explicit, inside the jitted train step
+(`accumulate_gradients`), not `optax.MultiSteps`: the step receives the whole
+global batch, scans over `grad_accum_steps` micro-batches summing the gradients
+of the *summed* token loss, and divides once by the total token weight. That
+is the gradient of the large batch up to float summation order, even when the
+micro-batches hold different numbers of real tokens (a mean of per-micro-batch
+means is not), and one call of the step stays one optimizer update, so the
+step counter, the schedule and checkpoints mean the same with or without
+accumulation.
 """
 
 import dataclasses
@@ -26,7 +36,6 @@ from flax import nnx
 
 from attnx.models.caption_losses import captioner_loss, hard_attention_loss, update_baseline
 from attnx.training import metrics as metrics_lib
-from attnx.training.optimizers import accumulate_gradients
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -178,6 +187,90 @@ def make_loss_fn(
         return loss_sum, (count, sums)
 
     return loss_fn
+
+
+def split_micro_batches(batch: Any, num_micro_batches: int) -> Any:
+    """Reshapes every leaf [B, ...] of `batch` to [k, B/k, ...]; micro-batch i = rows i::k.
+
+    Strided rather than contiguous: when the batch axis is sharded over devices,
+    each device's contiguous block of rows then holds rows of every micro-batch,
+    so no micro-batch lives on a subset of the devices.
+    """
+    k = num_micro_batches
+    if int(k) != k or k < 1:
+        raise ValueError(f"config.train.grad_accum_steps={k!r} must be an int >= 1.")
+    leaves = jax.tree.leaves(batch)
+    sizes = {leaf.shape[0] for leaf in leaves}
+    if len(sizes) != 1:
+        raise ValueError(f"Batch leaves have different leading (batch) sizes {sorted(sizes)}.")
+    (size,) = sizes
+    if size % k:
+        raise ValueError(
+            f"Batch size {size} is not divisible by config.train.grad_accum_steps={k}."
+        )
+    return jax.tree.map(lambda x: x.reshape(size // k, k, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def accumulate_gradients(
+    loss_fn: Callable[..., tuple[jax.Array, tuple[jax.Array, Any]]],
+    params: Any,
+    batch: Any,
+    num_micro_batches: int,
+    rng: jax.Array | None = None,
+) -> tuple[tuple[jax.Array, jax.Array, Any], Any]:
+    """Gradient of the token-mean loss of `batch`, over `num_micro_batches` passes.
+
+    Args:
+      loss_fn: `loss_fn(params, micro_batch, rng) -> (loss_sum, (weight_sum, aux))`
+        where loss_sum is the *summed* (not averaged) loss, weight_sum the number
+        (weight) of the tokens it sums over, and aux a pytree of sums (e.g.
+        metric (sum, count) pairs) that is added across micro-batches.
+      params: the float32 parameters (any pytree, e.g. an nnx.State).
+      batch: pytree of arrays with a common leading batch axis B.
+      num_micro_batches: k (config.train.grad_accum_steps); B % k == 0.
+      rng: optional key; micro-batch i gets fold_in(rng, i) (the key itself when k = 1).
+
+    Returns:
+      ((loss_sum, weight_sum, aux_sum), grads) with grads = d loss_sum / d params
+      divided by the total weight_sum (zero when there is no weight). Within
+      float summation order this equals the gradient of one pass over `batch`.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if num_micro_batches == 1:
+        (loss_sum, (weight_sum, aux)), grads = grad_fn(params, batch, rng)
+    else:
+        micro_batches = split_micro_batches(batch, num_micro_batches)
+        first = jax.tree.map(lambda x: x[0], micro_batches)
+        out_shapes = jax.eval_shape(loss_fn, params, first, rng)
+
+        def zeros_like_shape(s):
+            return jnp.zeros(s.shape, s.dtype)
+
+        init = (
+            jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params),
+            jnp.zeros([], jnp.float32),
+            jnp.zeros([], jnp.float32),
+            jax.tree.map(zeros_like_shape, out_shapes[1][1]),
+        )
+
+        def body(carry, inputs):
+            grad_sum, loss_acc, weight_acc, aux_acc = carry
+            index, micro_batch = inputs
+            micro_rng = None if rng is None else jax.random.fold_in(rng, index)
+            (loss, (weight, aux)), grads = grad_fn(params, micro_batch, micro_rng)
+            carry = (
+                jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grad_sum, grads),
+                loss_acc + loss,
+                weight_acc + weight,
+                jax.tree.map(jnp.add, aux_acc, aux),
+            )
+            return carry, None
+
+        indices = jnp.arange(num_micro_batches)
+        (grads, loss_sum, weight_sum, aux), _ = jax.lax.scan(body, init, (indices, micro_batches))
+    denominator = jnp.where(weight_sum > 0, weight_sum, 1.0)
+    grads = jax.tree.map(lambda g: g / denominator, grads)
+    return (loss_sum, weight_sum, aux), grads
 
 
 def make_train_step(

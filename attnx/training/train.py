@@ -20,8 +20,8 @@ import jax
 import ml_collections
 from absl import logging
 
+from attnx.training import checkpoint_averaging, optimizers, steps
 from attnx.training import metrics as metrics_lib
-from attnx.training import optimizers, steps
 from attnx.training import workdir as workdir_lib
 from attnx.training.logging import MetricsWriter
 from attnx.training.multihost import all_agree
@@ -99,7 +99,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     # --- Step ------------------------------------------------------------------
     hard_attention = None
-    if run.captions and config.model.get("attention") == "hard":
+    if run.model_config.mechanism.kind == "hard":
         hard_attention = steps.HardAttention(
             reward_weight=float(config.train.reward_weight),
             entropy_weight=float(config.train.entropy_weight),
@@ -131,7 +131,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         last = checkpointer.all_steps()[-config.checkpoint.average_last :]
         trees = [checkpointer.restore(s, target=run.state)[0].params for s in last]
         averaged = jax.jit(
-            optimizers.average_checkpoints, out_shardings=run.state_shardings.params
+            checkpoint_averaging.average_checkpoints, out_shardings=run.state_shardings.params
         )(trees)
         logging.info("Averaged the parameters of steps %s.", last)
         return run.evaluate(

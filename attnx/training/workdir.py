@@ -37,7 +37,7 @@ from typing import Any
 
 from absl import logging
 
-from attnx.training.errors import RunError
+from attnx.errors import RunError
 
 LOCK_FILE = "writer.lock"
 CONFIG_FILE = "config.json"
@@ -133,13 +133,14 @@ def _check_writable(directory: str, what: str) -> None:
     os.remove(probe)
 
 
-def prepare_workdir(workdir: str, mode: str) -> str:
+def prepare_workdir(workdir: str, mode: str, *, writes: bool = True) -> str:
     """Resolves and checks `workdir` for `mode`; creates it for training. Cheap (no JAX).
 
     `train` creates the workdir (and missing parents) after checking that the
     nearest existing ancestor is a writable directory. The read-only modes need
     an existing workdir holding a checkpoint and the run's vocabulary, and a
-    writable workdir for their own outputs.
+    writable workdir for their own outputs (`writes=False`: a mode that only
+    prints, such as decoding the user's inputs, may read a read-only mount).
 
     Returns:
       The resolved absolute path.
@@ -186,7 +187,8 @@ def prepare_workdir(workdir: str, mode: str) -> str:
     vocab = os.path.join(path, "vocab", "tokenizer.json")
     if not os.path.isfile(vocab):
         raise RunError(f"--mode={mode}: {path} has checkpoints but no vocabulary ({vocab})")
-    _check_writable(path, "--workdir")
+    if writes:
+        _check_writable(path, "--workdir")
     return path
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from attnx.layers.recurrent_attention import AdditiveAttention, AttentionMemory
+from attnx.layers.attention_memory import AttentionMemory
+from attnx.layers.recurrent_attention import AdditiveAttention
 
 BATCH, KV_LENGTH, Q_LENGTH = 3, 6, 4
 QUERY_DIM, KEY_DIM, VALUE_DIM, ATTENTION_DIM = 5, 4, 3, 7

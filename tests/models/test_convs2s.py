@@ -474,7 +474,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="max_length"):
         model.init_cache(model.encode(src), 17)
     model.init_cache(model.encode(src), 4)
-    with pytest.raises(ValueError, match=r"tokens must be \[3, 1\]"):
+    with pytest.raises(ValueError, match=r"tokens must be integers \[batch=3, 1\]"):
         model.decode_step(tgt_in[:2, :1])
-    with pytest.raises(ValueError, match="batch"):
+    with pytest.raises(ValueError, match=r"tokens must be integers \[batch=3, length\], got int"):
         model.decode(tgt_in[:2], model.encode(src))

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from attnx import decoding
+from attnx.layers.attention_config import AttentionConfig as A
 from attnx.models.rnn import RNNConfig, RNNEncoderDecoder, luong_4layer, rnnsearch50, tiny
 from attnx.models.rnn_cells import GRUCell, LSTMCell, reversal_indices
 
@@ -157,7 +158,7 @@ def test_reversal_indices():
 @pytest.fixture(scope="module")
 def luong_model():
     """Bidirectional LSTM encoder, Luong decoder ('general', global, input feeding)."""
-    return RNNEncoderDecoder(tiny(cell="lstm", attention="luong"), rngs=nnx.Rngs(2))
+    return RNNEncoderDecoder(tiny(cell="lstm", variant="luong"), rngs=nnx.Rngs(2))
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +192,7 @@ def test_backward_direction_ignores_padding(encoder_runner):
 
 
 def test_reverse_source_reads_backwards_and_restores_order():
-    cfg = tiny(cell="lstm", attention="luong", bidirectional=False)
+    cfg = tiny(cell="lstm", variant="luong", bidirectional=False)
     plain = RNNEncoderDecoder(cfg, rngs=nnx.Rngs(3))
     reversed_model = RNNEncoderDecoder(
         dataclasses.replace(cfg, reverse_source=True), rngs=nnx.Rngs(3)
@@ -249,14 +250,14 @@ def test_luong_matches_numpy_and_cached_steps(luong_model, batch):
 
 # 'general' (global, input feeding) and Bahdanau are checked above.
 STEP_CONFIGS = {
-    "luong-dot": dict(attention="luong", luong_score="dot"),
-    "luong-concat": dict(attention="luong", luong_score="concat", cell="lstm"),
-    "luong-location": dict(attention="luong", luong_score="location", max_source_length=8),
-    "local-m": dict(attention="luong", local_mode="local-m", window=1, cell="lstm"),
+    "luong-dot": dict(variant="luong", attention=A(score="dot")),
+    "luong-concat": dict(variant="luong", attention=A(score="concat"), cell="lstm"),
+    "luong-location": dict(variant="luong", attention=A(score="location"), max_source_length=8),
+    "local-m": dict(variant="luong", attention=A(local="local_m", window=1), cell="lstm"),
     # Without input feeding the teacher-forced pass takes the layer-by-layer path.
     "local-p": dict(
-        attention="luong",
-        local_mode="local-p",
+        variant="luong",
+        attention=A(local="local_p", window=2),
         input_feeding=False,
         cell="lstm",
         encoder_layers=2,
@@ -290,7 +291,9 @@ def test_cached_steps_equal_teacher_forcing(name, batch):
 def test_greedy_search_follows_the_model(batch):
     """Greedy output re-scored by teacher forcing: each token is the argmax, alignments agree."""
     src = batch[0]
-    model = RNNEncoderDecoder(tiny(attention="luong", local_mode="local-m"), rngs=nnx.Rngs(7))
+    model = RNNEncoderDecoder(
+        tiny(variant="luong", attention=A(local="local_m", window=2)), rngs=nnx.Rngs(7)
+    )
     result = decoding.greedy_search(model, src, max_length=4, return_weights=True)
     tgt_in = np.concatenate([np.ones((3, 1), np.int32), np.asarray(result.sequences)[:, :-1]], 1)
     logits, weights = nnx.jit(lambda m, s, t: m(s, t, return_weights=True))(model, src, tgt_in)
@@ -342,7 +345,7 @@ def test_bahdanau_overfits_one_batch(batch):
 
 
 def test_luong_overfits_one_batch_with_dropout(batch):
-    cfg = tiny(cell="lstm", attention="luong", encoder_layers=2, decoder_layers=2, dropout_rate=0.1)
+    cfg = tiny(cell="lstm", variant="luong", encoder_layers=2, decoder_layers=2, dropout_rate=0.1)
     first, last, finite = _overfit(cfg, batch)
     assert finite and np.isfinite(first)
     assert last < 0.1 * first, (first, last)
@@ -396,7 +399,12 @@ def test_luong_4layer_parameter_count():
 def test_presets_follow_the_papers():
     bahdanau, luong = rnnsearch50(), luong_4layer()
     assert (bahdanau.cell, bahdanau.bidirectional, bahdanau.maxout_units) == ("gru", True, 500)
-    assert (luong.decoder_layers, luong.local_mode, luong.luong_score) == (4, "local-p", "general")
+    assert luong.decoder_layers == 4
+    assert (luong.mechanism.local, luong.mechanism.score, luong.mechanism.window) == (
+        "local_p",
+        "general",
+        10,
+    )
     assert luong.input_feeding and luong.reverse_source and luong.dropout_rate == 0.2
 
 
@@ -407,12 +415,16 @@ def test_presets_follow_the_papers():
     "overrides, message",
     [
         (dict(cell="rnn"), "cell"),
-        (dict(attention="luong", luong_score="cosine"), "luong_score"),
-        (dict(attention="luong", luong_score="location"), "max_source_length"),
-        (dict(attention="luong", decoder_layers=2), "decoder_layers"),
-        (dict(attention="bahdanau", decoder_layers=2), "one layer"),
-        (dict(attention="luong", decoder_hidden_dim=8), "decoder_hidden_dim"),
-        (dict(attention="luong", local_mode="local-x"), "local_mode"),
+        (dict(variant="luong", attention=A(score="cosine")), "attention.score"),
+        (dict(variant="luong", attention=A(score="location")), "max_source_length"),
+        (dict(variant="luong", attention=A(score="additive")), "choose one of"),
+        (dict(variant="luong", decoder_layers=2), "decoder_layers"),
+        (dict(variant="bahdanau", decoder_layers=2), "one layer"),
+        (dict(variant="bahdanau", attention=A(local="local_p", window=2)), "attention.local"),
+        (dict(variant="bahdanau", attention=A(score="dot")), "decoder_hidden_dim"),
+        (dict(variant="luong", decoder_hidden_dim=8), "decoder_hidden_dim"),
+        (dict(variant="luong", attention=A(local="local-x")), "attention.local"),
+        (dict(variant="transformer"), "variant"),
         (dict(dropout_rate=1.0), "dropout_rate"),
     ],
 )
@@ -423,10 +435,10 @@ def test_config_errors(overrides, message):
 
 def test_bad_tokens_are_rejected(batch):
     model = RNNEncoderDecoder(tiny(), rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match="src must be int"):
+    with pytest.raises(ValueError, match=r"RNNEncoder: src must be integers \[batch, length\]"):
         model.encode(np.zeros((2, 3), np.float32))
     with pytest.raises(ValueError, match="call init_cache"):
         model.decode_step(np.ones((3, 1), np.int32))
     encoded = model.encode(batch[0])
-    with pytest.raises(ValueError, match="tokens must be int"):
+    with pytest.raises(ValueError, match=r"tokens must be integers \[batch=3, length\], got int"):
         model.decode(np.ones((2, 3), np.int32), encoded)

@@ -9,6 +9,7 @@ import optax
 import pytest
 from flax import nnx
 
+from attnx.layers.attention_config import AttentionConfig
 from attnx.models.transformer import (
     Transformer,
     TransformerEncoding,
@@ -57,7 +58,7 @@ def _count_by_hand(cfg, *, embeddings: bool = True) -> int:
         src, tgt = cfg.src_vocab_size, cfg.target_vocab_size
         count += src * d + (0 if cfg.share_embeddings else tgt * d)
         count += 0 if cfg.tie_output else tgt * d + tgt
-        count += 2 * cfg.max_length * d if cfg.positions == "learned" else 0
+        count += 2 * cfg.max_length * d if cfg.mechanism.positions == "learned" else 0
     return count
 
 
@@ -82,7 +83,7 @@ def test_paper_parameter_counts():
     [
         dict(share_embeddings=False, tie_output=False, tgt_vocab_size=13),
         dict(share_embeddings=False, tie_output=True),
-        dict(pre_ln=True, positions="learned"),
+        dict(pre_ln=True, attention=AttentionConfig(positions="learned")),
     ],
     ids=["untied", "tied_output_only", "pre_ln_learned"],
 )
@@ -102,7 +103,13 @@ def test_presets_follow_table_3():
 
 
 def test_every_parameter_has_logical_axes():
-    cfg = tiny(VOCAB, pre_ln=True, tie_output=False, share_embeddings=False, positions="learned")
+    cfg = tiny(
+        VOCAB,
+        pre_ln=True,
+        tie_output=False,
+        share_embeddings=False,
+        attention=AttentionConfig(positions="learned"),
+    )
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         axes = var.get_metadata()["out_sharding"]
@@ -120,8 +127,15 @@ def test_every_parameter_has_logical_axes():
     [
         (dict(tgt_vocab_size=7, share_embeddings=True), "share_embeddings"),
         (dict(d_model=15), "divisible"),
-        (dict(num_kv_heads=3), "num_kv_heads"),
-        (dict(positions="rotary"), "positions"),
+        (dict(attention=AttentionConfig(num_kv_heads=3)), "num_kv_heads"),
+        (dict(attention=AttentionConfig(positions="rope")), "attention.positions"),
+        (dict(attention=AttentionConfig(score="location")), "attention.score='location'"),
+        (dict(d_model=18, num_heads=2, attention=AttentionConfig(positions="rotary")), "rotary"),
+        (
+            dict(attention=AttentionConfig(normalizer="entmax15", implementation="xla")),
+            "attention.implementation",
+        ),
+        (dict(attention=AttentionConfig(local="local_m")), "attention.window"),
         (dict(dropout_rate=1.0), "dropout_rate"),
     ],
 )
@@ -131,16 +145,18 @@ def test_config_errors(overrides, message):
 
 
 def test_input_errors():
-    model = _model(positions="learned")
+    model = _model(attention=AttentionConfig(positions="learned"))
     src, tgt_in, _ = _batch()
     encoded = TransformerEncoding(jnp.zeros((BATCH, SRC_LEN, 16)), jnp.ones((BATCH, SRC_LEN), int))
     with pytest.raises(ValueError, match="init_cache"):
         model.decode_step(tgt_in[:, :1])
-    with pytest.raises(ValueError, match="integers"):
+    with pytest.raises(
+        ValueError, match=r"Transformer.encode: tokens must be integers \[batch, length\]"
+    ):
         model.encode(src.astype(jnp.float32))
     with pytest.raises(ValueError, match="segment_ids"):
         model.encode(src, segment_ids=src[:, :2])
-    with pytest.raises(ValueError, match="batch"):
+    with pytest.raises(ValueError, match=r"tokens must be integers \[batch=3, length\], got int"):
         model.decode(tgt_in[:2], encoded)
     with pytest.raises(ValueError, match="max_length"):
         model.init_cache(encoded, 17)
@@ -200,7 +216,7 @@ def _np_transformer(model: Transformer, src, tgt_in):
         return _np_norm(x + fn(x)[0], norm)
 
     def pe(module, length):
-        if cfg.positions == "learned":
+        if cfg.mechanism.positions == "learned":
             return np.asarray(module.embedding[...])[:length]
         return _np_pe(length, d)
 
@@ -254,9 +270,15 @@ def _np_transformer(model: Transformer, src, tgt_in):
 # the NumPy reference, then decoded step by step through the cache.
 DECODING_CONFIGS = {
     "mha_sinusoidal_tied": dict(),
-    "gqa_learned_pre_ln": dict(num_heads=4, num_kv_heads=2, positions="learned", pre_ln=True),
+    "gqa_learned_pre_ln": dict(
+        num_heads=4, attention=AttentionConfig(num_kv_heads=2, positions="learned"), pre_ln=True
+    ),
     "mqa_untied": dict(
-        num_heads=4, num_kv_heads=1, share_embeddings=False, tie_output=False, tgt_vocab_size=13
+        num_heads=4,
+        attention=AttentionConfig(num_kv_heads=1),
+        share_embeddings=False,
+        tie_output=False,
+        tgt_vocab_size=13,
     ),
 }
 
@@ -327,7 +349,7 @@ def test_cached_decoding_matches_teacher_forcing(teacher_forced):
 def test_dropout_only_in_training():
     model = _model(
         dropout_rate=0.2,
-        attention_dropout_rate=0.1,
+        attention=AttentionConfig(dropout_rate=0.1),
         relu_dropout_rate=0.1,
         num_encoder_layers=1,
         num_decoder_layers=1,
@@ -379,7 +401,7 @@ def test_overfits_one_batch(pre_ln):
 
 
 def test_packed_rows_match_separate_sequences():
-    model = _model(seed=7, positions="learned")
+    model = _model(seed=7, attention=AttentionConfig(positions="learned"))
     src_a, src_b = [5, 6, 7], [8, 9]
     tgt_a, tgt_b = [1, 4, 5], [1, 6, 7, 8]
     forward = nnx.jit(lambda m, *args, **packing: m(*args, return_weights=True, **packing))

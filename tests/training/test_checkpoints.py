@@ -23,6 +23,7 @@ from flax import struct
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
 
+from attnx.errors import RunError
 from attnx.training import checkpoint_integrity
 from attnx.training.checkpoint_items import config_hash
 from attnx.training.checkpoints import (
@@ -30,7 +31,6 @@ from attnx.training.checkpoints import (
     CheckpointSaveError,
     CorruptCheckpointError,
 )
-from attnx.training.errors import RunError
 
 
 @struct.dataclass

@@ -1,23 +1,28 @@
-"""The train step's hard-attention REINFORCE wiring against a direct computation.
+"""The train step: gradient accumulation, and the hard-attention REINFORCE wiring.
 
-The reference is `caption_losses.hard_attention_loss` and `update_baseline`
-applied by hand to a model reseeded with the step's keys: the step must give
-the same gradient, the same baseline update (over real captions only, and over
-every micro-batch under gradient accumulation) and fresh, reproducible samples.
+Gradient accumulation over micro-batches must give the gradient of the large
+batch (against a plain `jax.grad`), whatever the number of real tokens in each.
+
+For hard attention the reference is `caption_losses.hard_attention_loss` and
+`update_baseline` applied by hand to a model reseeded with the step's keys: the
+step must give the same gradient, the same baseline update (over real captions
+only, and over every micro-batch under gradient accumulation) and fresh,
+reproducible samples.
 """
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 from flax import nnx
 
+from attnx.layers.attention_config import AttentionConfig
 from attnx.models.caption_losses import hard_attention_loss, sequence_log_likelihood
 from attnx.models.captioner import Captioner
 from attnx.models.captioner_config import tiny
-from attnx.training import steps
-from attnx.training.optimizers import split_micro_batches
+from attnx.training import optimizers, steps
 
 B, T, IMAGE = 4, 6, 16
 BASELINE = -1.5
@@ -36,7 +41,10 @@ def batch():
 
 
 def split_model(**overrides):
-    model = Captioner(tiny(attention="hard", **overrides), rngs=nnx.Rngs(params=0, dropout=1))
+    model = Captioner(
+        tiny(attention=AttentionConfig(kind="hard"), **overrides),
+        rngs=nnx.Rngs(params=0, dropout=1),
+    )
     return nnx.split(model, nnx.Param, ...)
 
 
@@ -125,7 +133,7 @@ def test_baseline_under_gradient_accumulation_averages_every_micro_batch(batch):
         )
     )
     new_state, _ = train_step(state, batch)
-    micro_batches = split_micro_batches(batch, 2)
+    micro_batches = steps.split_micro_batches(batch, 2)
     real = []
     for i in range(2):
         micro = jax.tree.map(lambda x, i=i: x[i], micro_batches)
@@ -204,3 +212,75 @@ def test_hard_attention_lowers_the_nll_through_the_step(batch):
     assert np.mean(nll[-5:]) < 0.5 * nll[0], nll
     # The baseline tracks log p(y | s, a): it has moved from 0 towards a negative value.
     assert float(state.baseline) < 0
+
+
+# --------------------------------------------------------------------------- accumulation
+
+
+def token_loss(params, batch, rng):
+    """Summed softmax-regression NLL over weighted tokens; aux counts correct tokens."""
+    del rng
+    logits = jnp.einsum("btd,dv->btv", batch["x"], params["w"]) + params["b"]
+    log_probs = jax.nn.log_softmax(logits)
+    nll = -jnp.take_along_axis(log_probs, batch["y"][..., None], axis=-1)[..., 0]
+    weights = batch["weights"]
+    correct = jnp.sum((jnp.argmax(logits, -1) == batch["y"]) * weights)
+    return jnp.sum(nll * weights), (jnp.sum(weights), {"correct": correct})
+
+
+@pytest.fixture(scope="module")
+def accumulation_problem():
+    rng = np.random.default_rng(0)
+    batch = {
+        "x": rng.normal(size=(8, 5, 3)).astype(np.float32),
+        "y": rng.integers(0, 4, size=(8, 5)).astype(np.int32),
+        # very different numbers of real tokens per row: a mean of micro-batch
+        # means would differ from the batch mean.
+        "weights": (np.arange(5)[None, :] < np.array([5, 1, 3, 0, 5, 2, 4, 1])[:, None]).astype(
+            np.float32
+        ),
+    }
+    params = {
+        "w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(4,)), jnp.float32),
+    }
+    return params, batch
+
+
+def test_split_micro_batches_is_strided_and_checks_sizes():
+    batch = {"x": np.arange(12).reshape(6, 2)}
+    split = steps.split_micro_batches(batch, 3)
+    np.testing.assert_array_equal(split["x"][1], batch["x"][1::3])
+    with pytest.raises(ValueError, match="grad_accum_steps=4"):
+        steps.split_micro_batches(batch, 4)
+    with pytest.raises(ValueError, match="leading"):
+        steps.split_micro_batches({"a": np.zeros(2), "b": np.zeros(3)}, 1)
+
+
+def test_accumulated_gradients_equal_the_large_batch(accumulation_problem):
+    params, batch = accumulation_problem
+    train_config = {"optimizer": "adam", "schedule": "constant", "learning_rate": 0.01}
+    tx, _ = optimizers.make_optimizer(
+        ml_collections.ConfigDict({**train_config, "steps": 100, "clip_grad_norm": 0.5})
+    )
+
+    @jax.jit
+    def step(params, batch):
+        results = {}
+        for k in (1, 4):
+            (loss, weight, aux), grads = steps.accumulate_gradients(token_loss, params, batch, k)
+            updates, _ = tx.update(grads, tx.init(params), params)
+            results[k] = (loss / weight, aux["correct"], grads, updates)
+        return results
+
+    results = step(params, batch)
+    # an independent reference: the plain gradient of the token-mean loss.
+    weights = batch["weights"].sum()
+    reference = jax.grad(lambda p: token_loss(p, batch, None)[0] / weights)(params)
+    for k in (1, 4):
+        loss, correct, grads, updates = results[k]
+        np.testing.assert_allclose(loss, results[1][0], atol=1e-6)
+        assert correct == results[1][1]
+        for name in params:
+            np.testing.assert_allclose(grads[name], reference[name], atol=1e-6)
+            np.testing.assert_allclose(updates[name], results[1][3][name], atol=1e-6)

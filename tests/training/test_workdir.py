@@ -10,8 +10,8 @@ import time
 import ml_collections
 import pytest
 
+from attnx.errors import RunError
 from attnx.training import workdir
-from attnx.training.errors import RunError
 
 
 def test_relative_home_and_symlinked_paths_resolve_to_one_absolute_path(tmp_path, monkeypatch):

@@ -59,7 +59,7 @@ from PIL import Image
 from attnx import decoding
 from attnx.data import tokenizers
 from attnx.errors import RunError
-from attnx.models import MODELS, build_model, make_model_config, model_width
+from attnx.models import MODELS, build_model, make_loss_terms, make_model_config, model_width
 from attnx.training import checkpoints, optimizers, steps
 from attnx.training.workdir import CONFIG_FILE
 
@@ -202,9 +202,11 @@ def _restore_model(
         config.train, model_dim=model_width(config.model.name, model_config)
     )
 
+    loss_terms = make_loss_terms(name, model_config, config.train)
+
     def initial_state() -> steps.TrainState:
         params = nnx.split(create(), nnx.Param, ...)[1]
-        return steps.TrainState.create(params, optimizer, jax.random.key(seed + 2))
+        return steps.TrainState.create(params, optimizer, jax.random.key(seed + 2), loss_terms)
 
     on_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(

@@ -50,7 +50,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from attnx.models import build_model, make_model_config, spec_of
+from attnx.models import build_model, make_loss_terms, make_model_config, spec_of
 from attnx.training import steps
 
 PAD, EOS = 0, 2
@@ -182,14 +182,12 @@ def time_model(name: str, args: argparse.Namespace, machine_load) -> dict:
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     param_count = int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
     optimizer = optax.adam(1e-3)
-    state = steps.TrainState.create(params, optimizer, jax.random.key(args.seed + 2))
+    train = {"attention_penalty": setting.get("attention_penalty", 0.0)}
+    loss_terms = make_loss_terms(setting["model"]["name"], model_config, train)
+    state = steps.TrainState.create(params, optimizer, jax.random.key(args.seed + 2), loss_terms)
     train_step = jax.jit(
         steps.make_train_step(
-            graphdef,
-            rest,
-            optimizer,
-            label_smoothing=0.0,
-            attention_penalty=setting.get("attention_penalty", 0.0),
+            graphdef, rest, optimizer, label_smoothing=0.0, loss_terms=loss_terms
         ),
         donate_argnums=0,
     )

@@ -86,6 +86,13 @@ CASES = {
         [TINY, "--config.model.name=captioner", "--workdir={tmp}/run"],
         ["config.model.name='captioner' reads image sources", "config.task.dataset='dates'"],
     ),
+    "a loss term of another architecture": (
+        [TINY, "--config.train.attention_penalty=1.0", "--workdir={tmp}/run"],
+        [
+            "config.train.attention_penalty=1.0 is read by the captioner's loss terms",
+            "config.model.name='transformer' has none",
+        ],
+    ),
     "unknown architecture": (
         [TINY, "--config.model.name=lstm", "--workdir={tmp}/run"],
         ["config.model.name='lstm'", "'convs2s'"],

@@ -18,9 +18,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attnx.layers.attention_config import AttentionConfig
-from attnx.models import captioner_config, convs2s_config, rnn_config, transformer_config
+from attnx.models import (
+    caption_loss_terms,
+    captioner_config,
+    convs2s_config,
+    rnn_config,
+    transformer_config,
+)
 from attnx.models.captioner import Captioner
 from attnx.models.convs2s import ConvS2S
+from attnx.models.loss_terms import LossTerms
 from attnx.models.rnn import RNNEncoderDecoder
 from attnx.models.transformer import Transformer
 
@@ -41,9 +48,13 @@ class ModelSpec:
       packing: whether the model takes packed rows (segment ids and positions).
       length_fields: dataclass fields sized from the task: name -> which task
         lengths bound it ('source', 'target' or 'both').
-      attention_penalty: whether the doubly stochastic attention regulariser
-        (Xu et al. 2015, eq. 14; `config.train.attention_penalty`) applies:
-        its weights sum over output steps per source location.
+      loss_terms: `loss_terms(model_config, config.train) -> LossTerms | None`,
+        what the architecture adds to the token cross-entropy and the extra
+        train state those terms carry (`attnx.models.loss_terms`); None for
+        the token loss alone.
+      train_keys: the `config.train` keys only this architecture's loss terms
+        read (e.g. the captioner's `attention_penalty`); another architecture
+        refuses them when they are set.
       width: the attribute of the config dataclass giving the model's width,
         the d_model of the Transformer's learning-rate schedule (Vaswani et al.
         eq. 3), which any architecture may train with.
@@ -58,7 +69,8 @@ class ModelSpec:
     packing: bool = False
     length_fields: Mapping[str, str] = dataclasses.field(default_factory=dict)
     width: str = "d_model"
-    attention_penalty: bool = False
+    loss_terms: Callable[[Any, Mapping[str, Any]], LossTerms | None] | None = None
+    train_keys: tuple[str, ...] = ()
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -120,7 +132,8 @@ MODELS: dict[str, ModelSpec] = {
         "vocab_size",
         source_kind="image",
         width="hidden_dim",
-        attention_penalty=True,
+        loss_terms=caption_loss_terms.caption_loss_terms,
+        train_keys=caption_loss_terms.TRAIN_KEYS,
     ),
 }
 
@@ -328,6 +341,12 @@ def make_model_config(
 def model_width(name: str, config: Any) -> int | None:
     """The width of a built config (`ModelSpec.width`), None if it has none."""
     return getattr(config, spec_of(name).width, None)
+
+
+def make_loss_terms(name: str, config: Any, train: Mapping[str, Any]) -> LossTerms | None:
+    """The loss terms of architecture `name` (built config `config`) for `config.train`."""
+    factory = spec_of(name).loss_terms
+    return None if factory is None else factory(config, train)
 
 
 def build_model(name: str, config: Any, *, rngs: nnx.Rngs) -> nnx.Module:

@@ -204,12 +204,16 @@ def check_model(config: ml_collections.ConfigDict, task: tasks.Task) -> None:
             f"config.model.name={config.model.name!r} reads {spec.source_kind} sources, but "
             f"config.task.dataset={config.task.dataset!r} gives {kind}; use one of {fitting}"
         )
-    if config.train.attention_penalty and not spec.attention_penalty:
-        raise ValueError(
-            f"config.train.attention_penalty={config.train.attention_penalty}: the doubly "
-            f"stochastic regulariser (Xu et al. 2015) is for spatial attention; the "
-            f"{config.model.name} has none (set it to 0)"
-        )
+    defaults = base_config().train
+    for name, other in MODELS.items():
+        for key in set(other.train_keys) - set(spec.train_keys):
+            value = config.train.get(key, defaults.get(key))
+            if value != defaults.get(key):
+                raise ValueError(
+                    f"config.train.{key}={value!r} is read by the {name}'s loss terms; "
+                    f"config.model.name={config.model.name!r} has none (leave it at "
+                    f"{defaults.get(key)!r})"
+                )
     stand_in = config.task.get("vocab_size") or 260
     make_model_config(
         config.model.to_dict(), source_vocab_size=stand_in, target_vocab_size=stand_in

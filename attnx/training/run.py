@@ -25,7 +25,8 @@ from flax import nnx
 
 from attnx.data import pipeline, tasks, tokenizers
 from attnx.errors import RunError
-from attnx.models import build_model, make_model_config, model_width, spec_of
+from attnx.models import build_model, make_loss_terms, make_model_config, model_width, spec_of
+from attnx.models.loss_terms import LossTerms
 from attnx.training import checkpoint_items, checkpoints, evaluate, optimizers, sharding, steps
 from attnx.training import config as config_lib
 from attnx.training.logging import MetricsWriter
@@ -85,6 +86,7 @@ class Run:
     eval_source: Any
     tokenizer: tokenizers.Tokenizer
     model_config: Any
+    loss_terms: LossTerms | None
     graphdef: Any
     rest: Any
     optimizer: optax.GradientTransformation
@@ -149,6 +151,7 @@ class Run:
         abstract_model = nnx.eval_shape(create_model)
         graphdef, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
         model_dim = model_width(config.model.name, model_config)
+        loss_terms = make_loss_terms(config.model.name, model_config, config.train)
         optimizer, schedule = optimizers.make_optimizer(config.train, model_dim=model_dim)
 
         # --- Sharding --------------------------------------------------------
@@ -163,7 +166,7 @@ class Run:
             params = jax.lax.with_sharding_constraint(
                 nnx.split(create_model(), nnx.Param, ...)[1], param_shardings
             )
-            return steps.TrainState.create(params, optimizer, jax.random.key(seed + 2))
+            return steps.TrainState.create(params, optimizer, jax.random.key(seed + 2), loss_terms)
 
         with jax.set_mesh(mesh):
             state = init_state()
@@ -199,6 +202,7 @@ class Run:
             eval_source=eval_source,
             tokenizer=tokenizer,
             model_config=model_config,
+            loss_terms=loss_terms,
             graphdef=graphdef,
             rest=rest,
             optimizer=optimizer,

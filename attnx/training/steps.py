@@ -8,10 +8,11 @@ reseeded into the model every step, so a resumed run draws exactly the keys
 the uninterrupted run would have; the captioner's hard-attention location
 samples get their own key from the same step key.
 
-Hard attention (Xu et al. 2015, sec. 4.1) trains with the REINFORCE surrogate
-of `caption_losses.hard_attention_loss`; its moving-average baseline b is part
-of `TrainState`, updated once per optimizer step from the mean log p(y | s, a)
-of every real caption of the global batch (all micro-batches).
+What a model adds to the token cross-entropy comes from its spec
+(`attnx.models.loss_terms.LossTerms`): the terms join the summed token loss
+of each micro-batch, and their state (`TrainState.extra`, e.g. hard
+attention's moving-average baseline) is updated once per optimizer step from
+the metric sums of the whole global batch (all micro-batches).
 
 Gradient accumulation is explicit, inside the jitted train step
 (`accumulate_gradients`), not `optax.MultiSteps`: the step receives the whole
@@ -24,7 +25,6 @@ step counter, the schedule and checkpoints mean the same with or without
 accumulation.
 """
 
-import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from attnx.models.caption_losses import captioner_loss, hard_attention_loss, update_baseline
+from attnx.models.loss_terms import LossTerms
 from attnx.training import metrics as metrics_lib
 
 Array = jax.Array
@@ -51,27 +51,31 @@ class TrainState:
       params: the model's `nnx.Param` state (float32).
       opt_state: the optax state.
       rng: raw PRNG key data (uint32 `[2]`), the root of every dropout key.
-      baseline: float32 scalar, hard attention's moving average b of
-        log p(y | s, a) (sec. 4.1); 0 and unused for every other model.
+      extra: the state of the model's loss terms (`LossTerms.initial_state`),
+        e.g. `{'baseline': b}` for hard attention; {} for most models.
     """
 
     step: Array
     params: Any
     opt_state: Any
     rng: Array
-    baseline: Array
+    extra: Any
 
     @classmethod
     def create(
-        cls, params: Any, optimizer: optax.GradientTransformation, key: Array
+        cls,
+        params: Any,
+        optimizer: optax.GradientTransformation,
+        key: Array,
+        loss_terms: LossTerms | None = None,
     ) -> "TrainState":
-        """The state before the first step: step 0, fresh optimizer state, baseline 0."""
+        """The state before the first step: step 0, fresh optimizer and loss-term state."""
         return cls(
             step=jnp.zeros([], jnp.int32),
             params=params,
             opt_state=optimizer.init(params),
             rng=jax.random.key_data(key),
-            baseline=jnp.zeros([], jnp.float32),
+            extra={} if loss_terms is None else loss_terms.initial_state(),
         )
 
 
@@ -109,15 +113,6 @@ def forward(
     return model(batch["inputs"], tgt_in, train=train, return_weights=return_weights, **packing)
 
 
-@dataclasses.dataclass(frozen=True)
-class HardAttention:
-    """REINFORCE settings of hard attention (eq. 12): config.train's reward, entropy, decay."""
-
-    reward_weight: float = 0.1
-    entropy_weight: float = 0.002
-    baseline_decay: float = 0.9
-
-
 def step_keys(rng: Array) -> dict[str, Array]:
     """The model's RNG streams for one step: dropout, and the location samples of hard attention."""
     return {"dropout": rng, "location": jax.random.fold_in(rng, 1)}
@@ -128,21 +123,14 @@ def make_loss_fn(
     rest: nnx.State,
     *,
     label_smoothing: float,
-    attention_penalty: float = 0.0,
-    hard_attention: HardAttention | None = None,
-    baseline: Array | float = 0.0,
+    loss_terms: LossTerms | None = None,
+    extra: Any = None,
 ) -> Callable[..., tuple[Array, tuple[Array, Any]]]:
     """`loss_fn(params, batch, rng) -> (loss_sum, (token_count, metric_sums))`.
 
-    `attention_penalty` > 0 adds Show, Attend and Tell's doubly stochastic
-    regulariser (lambda of eq. 14; for the captioner), scaled by the token
-    count so that the step's token-mean loss carries it once.
-
-    With `hard_attention` the (label-smoothed) token loss gains the REINFORCE
-    and entropy terms of `hard_attention_loss` against `baseline` (token-mean,
-    scaled by the count like the penalty); the metric sums then also hold
-    'reinforce', 'entropy' and 'log_likelihood' (summed over the captions that
-    have a token, counted per caption) for the baseline update.
+    The (label-smoothed) token loss, summed, plus the model's `loss_terms`
+    evaluated with their state `extra`; the metric sums then also hold the
+    terms' own (e.g. 'penalty', 'reinforce', 'entropy').
     """
 
     def loss_fn(params, batch, rng):
@@ -152,38 +140,24 @@ def make_loss_fn(
             nnx.reseed(model, **step_keys(rng))
         targets = batch["targets"]
         weights = (targets > 0).astype(jnp.float32)
-        if attention_penalty > 0 or hard_attention is not None:
+        attention = None
+        if loss_terms is not None and loss_terms.needs_attention:
             logits, attention = forward(model, batch, train=True, return_weights=True)
         else:
             logits = forward(model, batch, train=True)
         sums = metrics_lib.token_metrics(logits, targets, weights, label_smoothing)
         loss_sum, count = sums["loss"]
-        if hard_attention is not None:
-            hard_loss, parts = hard_attention_loss(
-                logits,
-                targets,
-                attention,
-                baseline,
-                reward_weight=hard_attention.reward_weight,
-                entropy_weight=hard_attention.entropy_weight,
-                lam=attention_penalty,
+        if loss_terms is not None:
+            loss_sum, more = loss_terms.add(
+                loss_sum,
+                count,
+                logits=logits,
+                targets=targets,
                 token_weights=weights,
+                attention=attention,
+                state=extra,
             )
-            # The smoothed token loss stands in for the plain NLL of the surrogate.
-            loss_sum = loss_sum + (hard_loss - parts["nll"]) * count
-            has_tokens = jnp.any(targets > 0, axis=-1).astype(jnp.float32)
-            sums["reinforce"] = (parts["reinforce"] * count, count)
-            sums["entropy"] = (parts["entropy"] * count, count)
-            sums["log_likelihood"] = (
-                jnp.sum(parts["log_likelihood"] * has_tokens),
-                jnp.sum(has_tokens),
-            )
-            if attention_penalty > 0:
-                sums["penalty"] = (parts["penalty"] * count, count)
-        elif attention_penalty > 0:
-            _, parts = captioner_loss(logits, targets, attention, lam=attention_penalty)
-            loss_sum = loss_sum + parts["penalty"] * count
-            sums["penalty"] = (parts["penalty"] * count, count)
+            sums.update(more)
         return loss_sum, (count, sums)
 
     return loss_fn
@@ -280,8 +254,7 @@ def make_train_step(
     *,
     label_smoothing: float,
     grad_accum_steps: int = 1,
-    attention_penalty: float = 0.0,
-    hard_attention: HardAttention | None = None,
+    loss_terms: LossTerms | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, tuple[Array, Array]]]]:
     """One optimizer update over a global batch (split into `grad_accum_steps` passes)."""
 
@@ -290,9 +263,8 @@ def make_train_step(
             graphdef,
             rest,
             label_smoothing=label_smoothing,
-            attention_penalty=attention_penalty,
-            hard_attention=hard_attention,
-            baseline=state.baseline,
+            loss_terms=loss_terms,
+            extra=state.extra,
         )
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         (_, _, sums), grads = accumulate_gradients(
@@ -302,16 +274,11 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         sums = dict(sums)
         sums["grad_norm"] = (optax.tree.norm(grads), jnp.ones([], jnp.float32))
-        baseline = state.baseline
-        if hard_attention is not None:
-            # b_k = decay b_{k-1} + (1 - decay) mean log p(y | s, a) over the
-            # batch's real captions; a batch without any keeps b.
-            total, captions = sums.pop("log_likelihood")
-            mean = total / jnp.maximum(captions, 1.0)
-            updated = update_baseline(baseline, mean[None], hard_attention.baseline_decay)
-            baseline = jnp.where(captions > 0, updated, baseline)
+        extra = state.extra
+        if loss_terms is not None:
+            extra, sums = loss_terms.update(extra, sums)
         new_state = state.replace(
-            step=state.step + 1, params=params, opt_state=opt_state, baseline=baseline
+            step=state.step + 1, params=params, opt_state=opt_state, extra=extra
         )
         return new_state, sums
 

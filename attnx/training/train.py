@@ -98,13 +98,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     checkpointer.install_sigterm_handler()
 
     # --- Step ------------------------------------------------------------------
-    hard_attention = None
-    if run.model_config.mechanism.kind == "hard":
-        hard_attention = steps.HardAttention(
-            reward_weight=float(config.train.reward_weight),
-            entropy_weight=float(config.train.entropy_weight),
-            baseline_decay=float(config.train.baseline_decay),
-        )
     train_step = jax.jit(
         steps.make_train_step(
             run.graphdef,
@@ -112,8 +105,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             run.optimizer,
             label_smoothing=float(config.train.label_smoothing),
             grad_accum_steps=config.train.grad_accum_steps,
-            attention_penalty=float(config.train.get("attention_penalty", 0.0)),
-            hard_attention=hard_attention,
+            loss_terms=run.loss_terms,
         ),
         in_shardings=(run.state_shardings, run.data_sharding),
         out_shardings=(run.state_shardings, None),
@@ -175,8 +167,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 logged["train/learning_rate"] = float(
                     run.schedule(step - 1)
                 ) * optimizers.get_lr_scale(state.opt_state)
-                if hard_attention is not None:
-                    logged["train/baseline"] = float(state.baseline)  # b after this step
+                if run.loss_terms is not None:  # e.g. hard attention's baseline after this step
+                    for name, value in run.loss_terms.logged(state.extra).items():
+                        logged[f"train/{name}"] = float(value)
                 writer.write(step, logged)
                 writer.progress(step, logged["train/loss"])
                 results.update(logged)

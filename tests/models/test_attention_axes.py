@@ -27,6 +27,7 @@ from attnx.models import (
     build_model,
     captioner_config,
     convs2s_config,
+    make_loss_terms,
     make_model_config,
     rnn_config,
     transformer_config,
@@ -134,11 +135,12 @@ def test_every_legal_choice_trains_decodes_with_the_cache_and_beam_searches(arch
     model = build_model(name, config, rngs=nnx.Rngs(params=0, dropout=1))
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     optimizer = optax.adam(1e-2)
-    hard = steps.HardAttention() if config.mechanism.kind == "hard" else None
+    # The loop's own loss terms (hard attention's REINFORCE and baseline).
+    loss_terms = make_loss_terms(name, config, {})
     train_step = jax.jit(
-        steps.make_train_step(graphdef, rest, optimizer, label_smoothing=0.0, hard_attention=hard)
+        steps.make_train_step(graphdef, rest, optimizer, label_smoothing=0.0, loss_terms=loss_terms)
     )
-    state = steps.TrainState.create(params, optimizer, jax.random.key(0))
+    state = steps.TrainState.create(params, optimizer, jax.random.key(0), loss_terms)
     batch = _batch(arch)
     losses = []
     for _ in range(2):

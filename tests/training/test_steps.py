@@ -1,4 +1,4 @@
-"""The train step: gradient accumulation, and the hard-attention REINFORCE wiring.
+"""The train step: gradient accumulation, and the wiring of a model's loss terms (hard attention).
 
 Gradient accumulation over micro-batches must give the gradient of the large
 batch (against a plain `jax.grad`), whatever the number of real tokens in each.
@@ -19,6 +19,7 @@ import pytest
 from flax import nnx
 
 from attnx.layers.attention_config import AttentionConfig
+from attnx.models.caption_loss_terms import CaptionLossTerms, HardAttention
 from attnx.models.caption_losses import hard_attention_loss, sequence_log_likelihood
 from attnx.models.captioner import Captioner
 from attnx.models.captioner_config import tiny
@@ -48,9 +49,13 @@ def split_model(**overrides):
     return nnx.split(model, nnx.Param, ...)
 
 
+def hard(**settings):
+    return CaptionLossTerms(hard_attention=HardAttention(**settings))
+
+
 def state_of(params, optimizer, baseline=BASELINE):
-    return steps.TrainState.create(params, optimizer, jax.random.key(7)).replace(
-        step=jnp.asarray(3, jnp.int32), baseline=jnp.asarray(baseline, jnp.float32)
+    return steps.TrainState.create(params, optimizer, jax.random.key(7), hard()).replace(
+        step=jnp.asarray(3, jnp.int32), extra={"baseline": jnp.asarray(baseline, jnp.float32)}
     )
 
 
@@ -76,8 +81,8 @@ def test_loss_gradient_is_hard_attention_loss(batch):
         graphdef,
         rest,
         label_smoothing=0.0,
-        hard_attention=steps.HardAttention(),
-        baseline=BASELINE,
+        loss_terms=hard(),
+        extra={"baseline": jnp.asarray(BASELINE, jnp.float32)},
     )
     rng = jax.random.key(11)
 
@@ -102,15 +107,13 @@ def test_baseline_is_the_moving_average_over_real_captions(batch):
     optimizer = optax.sgd(0.1)
     state = state_of(params, optimizer)
     train_step = jax.jit(
-        steps.make_train_step(
-            graphdef, rest, optimizer, label_smoothing=0.0, hard_attention=steps.HardAttention()
-        )
+        steps.make_train_step(graphdef, rest, optimizer, label_smoothing=0.0, loss_terms=hard())
     )
     new_state, sums = train_step(state, batch)
     _, log_likelihood, _, _ = direct(graphdef, params, rest, batch, step_rng(state), BASELINE)
     # The padding row (log-likelihood 0) does not pull the mean towards 0.
     want = 0.9 * BASELINE + 0.1 * np.mean(np.asarray(log_likelihood)[: B - 1])
-    np.testing.assert_allclose(new_state.baseline, want, rtol=1e-5)
+    np.testing.assert_allclose(new_state.extra["baseline"], want, rtol=1e-5)
     assert int(new_state.step) == 4
     for name in ("reinforce", "entropy", "loss"):
         total, count = sums[name]
@@ -129,7 +132,7 @@ def test_baseline_under_gradient_accumulation_averages_every_micro_batch(batch):
             optimizer,
             label_smoothing=0.0,
             grad_accum_steps=2,
-            hard_attention=steps.HardAttention(),
+            loss_terms=hard(),
         )
     )
     new_state, _ = train_step(state, batch)
@@ -142,7 +145,9 @@ def test_baseline_under_gradient_accumulation_averages_every_micro_batch(batch):
         has_tokens = np.asarray(jnp.any(micro["targets"] > 0, axis=-1))
         real.extend(np.asarray(log_likelihood)[has_tokens])
     assert len(real) == B - 1
-    np.testing.assert_allclose(new_state.baseline, 0.9 * BASELINE + 0.1 * np.mean(real), rtol=1e-5)
+    np.testing.assert_allclose(
+        new_state.extra["baseline"], 0.9 * BASELINE + 0.1 * np.mean(real), rtol=1e-5
+    )
 
 
 def test_accumulation_equals_one_pass_when_nothing_is_sampled(batch):
@@ -159,12 +164,12 @@ def test_accumulation_equals_one_pass_when_nothing_is_sampled(batch):
                 optimizer,
                 label_smoothing=0.1,
                 grad_accum_steps=accum,
-                hard_attention=steps.HardAttention(entropy_weight=0.05),
+                loss_terms=hard(entropy_weight=0.05),
             )
         )
         results.append(train_step(state_of(params, optimizer), batch))
     (one, sums_one), (two, sums_two) = results
-    np.testing.assert_allclose(one.baseline, two.baseline, rtol=1e-6)
+    np.testing.assert_allclose(one.extra["baseline"], two.extra["baseline"], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(two.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     for name in ("loss", "entropy"):
@@ -201,9 +206,7 @@ def test_hard_attention_lowers_the_nll_through_the_step(batch):
     optimizer = optax.adam(1e-2)
     state = state_of(params, optimizer, baseline=0.0)
     train_step = jax.jit(
-        steps.make_train_step(
-            graphdef, rest, optimizer, label_smoothing=0.0, hard_attention=steps.HardAttention()
-        )
+        steps.make_train_step(graphdef, rest, optimizer, label_smoothing=0.0, loss_terms=hard())
     )
     nll = []
     for _ in range(60):
@@ -211,7 +214,7 @@ def test_hard_attention_lowers_the_nll_through_the_step(batch):
         nll.append(float(sums["perplexity"][0]) / float(sums["perplexity"][1]))
     assert np.mean(nll[-5:]) < 0.5 * nll[0], nll
     # The baseline tracks log p(y | s, a): it has moved from 0 towards a negative value.
-    assert float(state.baseline) < 0
+    assert float(state.extra["baseline"]) < 0
 
 
 # --------------------------------------------------------------------------- accumulation

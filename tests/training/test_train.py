@@ -321,4 +321,6 @@ def test_hard_attention_captioner_trains_with_reinforce_end_to_end(tmp_path):
     assert logged[1]["train/baseline"] < logged[0]["train/baseline"]
     assert any(m["step"] == 20 and "eval/bleu4" in m for m in metrics(workdir))
     restored = ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "20" / "state")
-    assert float(restored["baseline"]) == pytest.approx(logged[1]["train/baseline"], abs=1e-6)
+    assert float(restored["extra"]["baseline"]) == pytest.approx(
+        logged[1]["train/baseline"], abs=1e-6
+    )

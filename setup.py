@@ -26,7 +26,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=9.0", "pytest-xdist>=3.8", "ruff>=0.17"],
+    # selenium drives the system's Chromium in tests/interpret/test_html_page.py.
+    "test": ["pytest>=9.0", "pytest-xdist>=3.8", "ruff>=0.17", "selenium>=4.51"],
     # Accelerator builds of jaxlib; see BUILD.md.
     "gpu": ["jax[cuda12]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],

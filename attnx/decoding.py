@@ -27,21 +27,211 @@ is exactly greedy search when no length penalty is applied (alpha=0).
 Length penalties (the score used to rank hypotheses is log P(y|x) / lp(|y|)):
   'gnmt':  lp(n) = ((5 + n) / 6) ** alpha      (Wu et al. 2016, eq. 14)
   'power': lp(n) = n ** alpha
+
+Attention traces: with `trace=TraceSelection(...)` every search also carries
+the selected entries of each step's `decode_step` weights (every layer, kind
+and head by default, or only their `top_k` largest weights and key indices,
+selected inside the compiled search so that only those leave the device),
+reordered with the beams exactly like the 'alignment'; the encoder's weights,
+which do not depend on the hypothesis, are computed once per source. They land
+in `DecodeResult.traces`; `attnx.interpret.traces` turns them into typed records.
 """
 
 import dataclasses
 import functools
+import inspect
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Array = jax.Array
 
 PAD_ID = 0
 LENGTH_PENALTIES = ("gnmt", "power")
+ATTENTION_KINDS = ("encoder-self", "decoder-self", "cross", "multi-step", "spatial", "global")
+
+# Weights-dict keys of the attnx models -> record kind (the layer is the number in the key).
+_KEY_KINDS = (
+    (re.compile(r"encoder/layer_(\d+)/self_attention"), "encoder-self"),
+    (re.compile(r"decoder/layer_(\d+)/self_attention"), "decoder-self"),
+    (re.compile(r"decoder/layer_(\d+)/cross_attention"), "cross"),
+    (re.compile(r"decoder/layer_(\d+)/attention"), "multi-step"),
+    (re.compile(r"decoder/spatial_attention"), "spatial"),
+    (re.compile(r"decoder/attention"), "global"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TraceSelection:
+    """Which attention maps a trace keeps, and how much of each leaves the device.
+
+    Attributes:
+      layers: layer indices to keep (None = all). Single-layer mechanisms
+        (RNN, captioner) are layer 0.
+      kinds: record kinds to keep (None = all), from `ATTENTION_KINDS`.
+      heads: head indices to keep in multi-head maps (None = all).
+      top_k: None keeps whole maps; k keeps, per query (and head), only the k
+        largest weights and their key indices, chosen on the device.
+      extras: also keep the weights-dict entries that are no attention map
+        (e.g. the captioner's 'gate'); 'alignment' (an average of the maps)
+        is never kept.
+    """
+
+    layers: tuple[int, ...] | None = None
+    kinds: tuple[str, ...] | None = None
+    heads: tuple[int, ...] | None = None
+    top_k: int | None = None
+    extras: bool = True
+
+    def __post_init__(self):
+        for name in ("layers", "kinds", "heads"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            value = (value,) if isinstance(value, int | str) else tuple(value)
+            object.__setattr__(self, name, value)  # lists in, hashable tuples kept
+            if name == "kinds":
+                unknown = [k for k in value if k not in ATTENTION_KINDS]
+                if unknown:
+                    raise ValueError(
+                        f"TraceSelection: unknown kinds {unknown}; choose from {ATTENTION_KINDS}"
+                    )
+            elif not all(isinstance(i, int) and i >= 0 for i in value):
+                raise ValueError(f"TraceSelection: {name} must be ints >= 0, got {value!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(
+                f"TraceSelection: top_k must be None or an int >= 1, got {self.top_k!r}"
+            )
+
+    def selects(self, kind: str, layer: int) -> bool:
+        """Whether a map of this kind and layer is kept."""
+        return (self.kinds is None or kind in self.kinds) and (
+            self.layers is None or layer in self.layers
+        )
+
+
+def attention_kind(key: str, model: Any = None) -> tuple[str, int] | None:
+    """The record kind and layer of a weights-dict key; None for entries that are no map.
+
+    'decoder/attention' (the RNN decoder's one attention) is 'global', or
+    'cross' when `model.config.mechanism` is local (Luong's local-m / local-p).
+    """
+    for pattern, kind in _KEY_KINDS:
+        match = pattern.fullmatch(key)
+        if match:
+            if kind == "global" and _is_local(model):
+                kind = "cross"
+            return kind, int(match.group(1)) if match.groups() else 0
+    return None
+
+
+def _is_local(model: Any) -> bool:
+    mechanism = getattr(getattr(model, "config", None), "mechanism", None)
+    return bool(getattr(mechanism, "is_local", False))
+
+
+def select_weights(
+    weights: Mapping[str, Array], selection: TraceSelection, model: Any, *, step: bool
+) -> dict[str, dict[str, Array]]:
+    """The selected entries of a model's weights dict, traced inside the caller's `jit`.
+
+    Args:
+      weights: from `decode`/`encode` (`[b, heads, t, keys]` or `[b, t, keys]`
+        maps, `[b, t, ...]` extras) or from `decode_step` (the same with t = 1).
+      selection: what to keep.
+      model: the model (for `attention_kind`).
+      step: the weights are one decode step's: the t axis is dropped.
+
+    Returns:
+      `{key: {'weights': float32 maps (heads selected), 'indices': int32}}`;
+      'indices' (key indices of the top-k weights, largest first) only with
+      `selection.top_k`, then the last axis has min(top_k, keys) entries.
+    """
+    selected = {}
+    for key, value in weights.items():
+        if key == "alignment" or value is None:
+            continue
+        found = attention_kind(key, model)
+        if found is None:
+            # Extras are `[b, t, ...]` (t = 1 at a step); anything else has no query axis to trace.
+            if selection.extras and value.ndim >= 2 and (not step or value.shape[1] == 1):
+                selected[key] = {"weights": value[:, 0] if step else value}
+            continue
+        if not selection.selects(*found):
+            continue
+        multi_head = value.ndim == 4
+        if step:
+            value = value[:, :, 0] if multi_head else value[:, 0]
+        if multi_head and selection.heads is not None:
+            if max(selection.heads) >= value.shape[1]:
+                raise ValueError(
+                    f"TraceSelection: heads {selection.heads} for {key!r}, which has "
+                    f"{value.shape[1]} heads"
+                )
+            value = value[:, np.asarray(selection.heads)]
+        value = value.astype(jnp.float32)
+        if selection.top_k is None:
+            selected[key] = {"weights": value}
+        else:
+            top, index = jax.lax.top_k(value, min(selection.top_k, value.shape[-1]))
+            selected[key] = {"weights": top, "indices": index.astype(jnp.int32)}
+    return selected
+
+
+def skip_unselected_layers(
+    model: nnx.Module, selection: TraceSelection, *, stacks: tuple[str, ...] | None = None
+) -> None:
+    """Sets `skip_weights` on every layer whose map `selection` does not keep.
+
+    Such a layer keeps its own kernel (e.g. 'chunked') when the model is asked
+    for its weights, and returns a placeholder that the trace drops. A layer
+    is found by its graph path (`encoder_layers/{i}/self_attention` holds the
+    map 'encoder/layer_{i}/self_attention'); call it on a copy of the model.
+    `stacks` limits the switch to those stacks (e.g. ('encoder',)); None = all.
+    """
+    found = []
+    for path, node in nnx.iter_graph(model):
+        if not hasattr(node, "skip_weights") or len(path) != 3:
+            continue
+        stack, index, name = path
+        if not (isinstance(stack, str) and stack.endswith("_layers") and isinstance(index, int)):
+            continue
+        stack = stack.removesuffix("_layers")
+        if stacks is not None and stack not in stacks:
+            continue
+        kind = attention_kind(f"{stack}/layer_{index}/{name}", model)
+        if kind is not None and not selection.selects(*kind):
+            found.append(node)
+    for node in found:
+        node.skip_weights = True
+
+
+@flax.struct.dataclass
+class SearchTraces:
+    """The attention weights a search carried (`trace=TraceSelection(...)`), on device.
+
+    Each entry is `{'weights': float32, 'indices': int32 (top_k only)}` as
+    `select_weights` gives it.
+
+    Attributes:
+      steps: per weights-dict key of `decode_step`, every generated token's
+        entry: `[..., L, heads, keys]` (multi-head maps), `[..., L, keys]`
+        (single maps) or `[..., L, ...]` (extras), where `...` is `[b]`
+        (greedy, sampling) or `[b, num_return]` (beam search) and keys the
+        source, or the whole cache buffer for decoder self-attention (only
+        keys 0..k are valid at step k); zero after a hypothesis ends.
+      source: the encoder's maps, once per source: `[b, heads, s, s]`
+        (or `[b, heads, s, k]` with top_k); empty for encoders without attention.
+    """
+
+    steps: dict[str, dict[str, Array]]
+    source: dict[str, dict[str, Array]]
 
 
 @flax.struct.dataclass
@@ -59,6 +249,8 @@ class DecodeResult:
       finished: bool `[...]` True if the hypothesis ended with eos.
       alignments: float32 `[..., L, s]` the model's 'alignment' weights of each
         generated token (zero after the end), when asked; else None.
+      traces: the attention weights selected by `trace=TraceSelection(...)`
+        (`SearchTraces`), else None.
     """
 
     sequences: Array
@@ -67,6 +259,7 @@ class DecodeResult:
     lengths: Array
     finished: Array
     alignments: Array | None = None
+    traces: SearchTraces | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +273,12 @@ class _Static:
     beam_size: int = 1
     num_return: int = 1
     temperature_is_zero: bool = False
+    trace: TraceSelection | None = None
+
+    @property
+    def recording(self) -> bool:
+        """Whether each step's weights are carried (alignment or trace)."""
+        return self.return_weights or self.trace is not None
 
 
 def length_penalty(lengths: Array, kind: str | Array, alpha: Array | float) -> Array:
@@ -134,6 +333,12 @@ def _resolve_lengths(
     return buffer, float(max_length_a), b
 
 
+def _check_trace(trace: TraceSelection | None) -> TraceSelection | None:
+    if trace is not None and not isinstance(trace, TraceSelection):
+        raise TypeError(f"decoding: trace must be a TraceSelection or None, got {trace!r}")
+    return trace
+
+
 def _check_common(min_length: int, eos_id: int, bos_id: int) -> None:
     if min_length < 0:
         raise ValueError(f"decoding: min_length must be >= 0, got {min_length}")
@@ -155,11 +360,34 @@ def _source_limits(src: Array, a: Array, b: Array, buffer: int) -> Array:
     return jnp.clip(limits, 1, buffer)
 
 
-def _start(graphdef, state, src, copies: int, buffer: int):
-    """Merges the model, encodes, tiles by `copies`, creates the cache and splits it out."""
+def traced_encode(model: Any, src: Array, selection: TraceSelection) -> tuple[Any, dict]:
+    """`model.encode(src, train=False)` and its selected weights (`select_weights`;
+    {} for an encoder without attention). Traced inside the caller's `jit`."""
+    if "return_weights" not in inspect.signature(model.encode).parameters:
+        return model.encode(src, train=False), {}
+    encoded, weights = model.encode(src, train=False, return_weights=True)
+    return encoded, select_weights(weights, selection, model, step=False)
+
+
+def _encode(model, src, static: _Static):
+    """`model.encode(src)`, and the encoder's selected weights when tracing (else None)."""
+    if static.trace is None:
+        return model.encode(src, train=False), None
+    # The alignment may read any decoder layer: with it, only the encoder's are spared.
+    stacks = ("encoder",) if static.return_weights else None
+    skip_unselected_layers(model, static.trace, stacks=stacks)
+    return traced_encode(model, src, static.trace)
+
+
+def _start(graphdef, state, src, copies: int, static: _Static):
+    """Merges the model, encodes, tiles by `copies`, creates the cache and splits it out.
+
+    Returns (loop graphdef, cache, rest, the encoder's traced weights or None).
+    """
+    buffer = static.buffer_length
     model = nnx.merge(graphdef, state)
     model.eval()  # dropout off in every submodule that has a `deterministic` flag
-    encoded = model.encode(src, train=False)
+    encoded, source = _encode(model, src, static)
     batch = src.shape[0]
 
     def tile(x):
@@ -179,24 +407,32 @@ def _start(graphdef, state, src, copies: int, buffer: int):
                 f"decoding: nnx.Cache {jax.tree_util.keystr(path)} has shape {leaf.shape}; "
                 f"cache arrays need a leading batch axis of {batch * copies} (or be 0-d)"
             )
-    return loop_def, cache, rest
+    return loop_def, cache, rest, source
 
 
-def _make_step(loop_def, rest, return_weights: bool):
-    """Returns step(cache, tokens [n, 1]) -> (cache, log-probs [n, V] float32, alignment [n, s] | None)."""
+def _make_step(loop_def, rest, static: _Static):
+    """Returns step(cache, tokens [n, 1]) -> (cache, log-probs [n, V] float32, carried).
+
+    `carried` holds what each step records: 'alignment' `[n, s]` (return_weights)
+    and 'trace' (`select_weights` of the step's weights); {} when nothing is asked.
+    """
 
     def step(cache, tokens):
         model = nnx.merge(loop_def, cache, rest)
-        if return_weights:
+        carried = {}
+        if static.recording:
             logits, weights = model.decode_step(tokens, return_weights=True)
-            if "alignment" not in weights:
-                raise ValueError(
-                    "decoding: return_weights needs an 'alignment' entry in decode_step's "
-                    f"weights, got {sorted(weights)}"
-                )
-            alignment = weights["alignment"][:, 0].astype(jnp.float32)
+            if static.return_weights:
+                if "alignment" not in weights:
+                    raise ValueError(
+                        "decoding: return_weights needs an 'alignment' entry in decode_step's "
+                        f"weights, got {sorted(weights)}"
+                    )
+                carried["alignment"] = weights["alignment"][:, 0].astype(jnp.float32)
+            if static.trace is not None:
+                carried["trace"] = select_weights(weights, static.trace, model, step=True)
         else:
-            logits, alignment = model.decode_step(tokens), None
+            logits = model.decode_step(tokens)
         if logits.ndim != 2 or logits.shape[0] != tokens.shape[0]:
             raise ValueError(
                 f"decoding: decode_step must return logits [{tokens.shape[0]}, vocab], "
@@ -205,17 +441,21 @@ def _make_step(loop_def, rest, return_weights: bool):
         return (
             nnx.state(model, nnx.Cache),
             jax.nn.log_softmax(logits.astype(jnp.float32)),
-            alignment,
+            carried,
         )
 
     return step
 
 
-def _alignment_shape(step, cache, n: int, bos_id: int) -> tuple[int, ...]:
-    """Shape of one step's alignment row (without the batch axis), found without running it."""
+def _record_buffers(step, cache, n: int, bos_id: int, lead: tuple[int, ...], length: int):
+    """Zero buffers `[*lead, length, ...]` for every leaf a step carries, found without running it."""
     tokens = jnp.full((n, 1), bos_id, jnp.int32)
     shapes = jax.eval_shape(lambda c: step(c, tokens)[2], cache)
-    return shapes.shape[1:]
+    return jax.tree.map(lambda x: jnp.zeros((*lead, length, *x.shape[1:]), x.dtype), shapes)
+
+
+def _traces(records: dict, source: dict | None) -> SearchTraces | None:
+    return None if source is None else SearchTraces(records["trace"], source)
 
 
 def _forbid(log_probs: Array, t: Array, min_length: Array, eos_id: int) -> Array:
@@ -252,11 +492,9 @@ def _sequential_search(graphdef, state, src, rng, dyn, static: _Static) -> Decod
     """One token per step per example: argmax (greedy) or a draw from the filtered distribution."""
     batch, length = src.shape[0], static.buffer_length
     limits = _source_limits(src, dyn["a"], dyn["b"], length)
-    loop_def, cache, rest = _start(graphdef, state, src, 1, length)
-    step = _make_step(loop_def, rest, static.return_weights)
-    align_shape = (
-        _alignment_shape(step, cache, batch, static.bos_id) if static.return_weights else ()
-    )
+    loop_def, cache, rest, source = _start(graphdef, state, src, 1, static)
+    step = _make_step(loop_def, rest, static)
+    records = _record_buffers(step, cache, batch, static.bos_id, (batch,), length)
 
     def choose(log_probs, t):
         if static.temperature_is_zero:
@@ -266,23 +504,26 @@ def _sequential_search(graphdef, state, src, rng, dyn, static: _Static) -> Decod
         return jax.random.categorical(jax.random.fold_in(rng, t), logits, axis=-1)
 
     def body(carry):
-        t, cache, seqs, total, lengths, ended, done, align = carry
+        t, cache, seqs, total, lengths, ended, done, records = carry
         previous = jax.lax.dynamic_index_in_dim(seqs, jnp.maximum(t - 1, 0), 1, keepdims=False)
         tokens = jnp.where(t == 0, static.bos_id, previous)[:, None]
-        cache, log_probs, alignment = step(cache, tokens)
+        cache, log_probs, carried = step(cache, tokens)
         log_probs = _forbid(log_probs, t, dyn["min_length"], static.eos_id)
         token = jnp.where(done, PAD_ID, choose(log_probs, t)).astype(jnp.int32)
         token_log_prob = jnp.take_along_axis(log_probs, token[:, None], axis=-1)[:, 0]
         total = total + jnp.where(done, 0.0, token_log_prob)
         seqs = jax.lax.dynamic_update_index_in_dim(seqs, token, t, 1)
-        if static.return_weights:
-            alignment = jnp.where(done[:, None], 0.0, alignment)
-            align = jax.lax.dynamic_update_index_in_dim(align, alignment, t, 1)
+
+        def record(buffer, x):
+            x = jnp.where(done.reshape(-1, *(1,) * (x.ndim - 1)), jnp.zeros((), x.dtype), x)
+            return jax.lax.dynamic_update_index_in_dim(buffer, x, t, 1)
+
+        records = jax.tree.map(record, records, carried)
         lengths = jnp.where(done, lengths, t + 1)
         is_eos = (token == static.eos_id) & ~done
         ended = ended | is_eos
         done = done | is_eos | (t + 1 >= limits)
-        return t + 1, cache, seqs, total, lengths, ended, done, align
+        return t + 1, cache, seqs, total, lengths, ended, done, records
 
     def cond(carry):
         return (carry[0] < length) & ~jnp.all(carry[6])
@@ -295,10 +536,12 @@ def _sequential_search(graphdef, state, src, rng, dyn, static: _Static) -> Decod
         jnp.zeros((batch,), jnp.int32),
         jnp.zeros((batch,), bool),
         jnp.zeros((batch,), bool),
-        jnp.zeros((batch, length, *align_shape), jnp.float32) if static.return_weights else None,
+        records,
     )
-    _, _, seqs, total, lengths, ended, _, align = jax.lax.while_loop(cond, body, init)
-    return DecodeResult(seqs, total, total, lengths, ended, align)
+    _, _, seqs, total, lengths, ended, _, records = jax.lax.while_loop(cond, body, init)
+    return DecodeResult(
+        seqs, total, total, lengths, ended, records.get("alignment"), _traces(records, source)
+    )
 
 
 def greedy_search(
@@ -312,6 +555,7 @@ def greedy_search(
     eos_id: int = 2,
     bos_id: int = 1,
     return_weights: bool = False,
+    trace: TraceSelection | None = None,
 ) -> DecodeResult:
     """Picks the most probable token at every step.
 
@@ -325,6 +569,11 @@ def greedy_search(
       min_length: eos is forbidden before this many tokens have been generated.
       eos_id, bos_id: end and start tokens.
       return_weights: also return the model's alignment of every generated token.
+      trace: also carry the selected attention weights of every generated
+        token, and the encoder's once (`DecodeResult.traces`, see `TraceSelection`).
+        The layers it does not select keep their kernel (`skip_unselected_layers`;
+        with `return_weights` the encoder's only, as the alignment may read any
+        decoder layer).
 
     Returns:
       A `DecodeResult` with `[b, L]` sequences; `scores` = `log_probs` (unnormalised).
@@ -341,6 +590,7 @@ def greedy_search(
         eos_id=eos_id,
         bos_id=bos_id,
         return_weights=return_weights,
+        trace=trace,
     )
 
 
@@ -359,6 +609,7 @@ def sample(
     eos_id: int = 2,
     bos_id: int = 1,
     return_weights: bool = False,
+    trace: TraceSelection | None = None,
 ) -> DecodeResult:
     """Draws one sequence per example from the model, token by token.
 
@@ -385,6 +636,7 @@ def sample(
         bos_id=bos_id,
         return_weights=return_weights,
         temperature_is_zero=temperature == 0,
+        trace=_check_trace(trace),
     )
     dyn = dict(
         a=a,
@@ -410,11 +662,9 @@ def _gather_beams(x: Array, index: Array) -> Array:
 def _beam_search(graphdef, state, src, dyn, static: _Static) -> DecodeResult:
     batch, beam, length = src.shape[0], static.beam_size, static.buffer_length
     limits = _source_limits(src, dyn["a"], dyn["b"], length)
-    loop_def, cache, rest = _start(graphdef, state, src, beam, length)
-    step = _make_step(loop_def, rest, static.return_weights)
-    align_shape = (
-        _alignment_shape(step, cache, batch * beam, static.bos_id) if static.return_weights else ()
-    )
+    loop_def, cache, rest, source = _start(graphdef, state, src, beam, static)
+    step = _make_step(loop_def, rest, static)
+    records = _record_buffers(step, cache, batch * beam, static.bos_id, (batch, beam), length)
 
     def penalty(n):
         return length_penalty(n, dyn["gnmt"], dyn["alpha"])
@@ -427,7 +677,7 @@ def _beam_search(graphdef, state, src, dyn, static: _Static) -> DecodeResult:
         t, cache, alive, finished, done = carry
         previous = jax.lax.dynamic_index_in_dim(alive["seqs"], jnp.maximum(t - 1, 0), 2, False)
         tokens = jnp.where(t == 0, static.bos_id, previous).reshape(batch * beam, 1)
-        cache, log_probs, alignment = step(cache, tokens)
+        cache, log_probs, carried = step(cache, tokens)
         log_probs = _forbid(log_probs, t, dyn["min_length"], static.eos_id)
         vocab = log_probs.shape[-1]
         candidates = alive["log_prob"][:, :, None] + log_probs.reshape(batch, beam, vocab)
@@ -436,12 +686,17 @@ def _beam_search(graphdef, state, src, dyn, static: _Static) -> DecodeResult:
         parent, token = top_index // vocab, (top_index % vocab).astype(jnp.int32)
         seqs = _gather_beams(alive["seqs"], parent)
         seqs = jax.lax.dynamic_update_index_in_dim(seqs, token, t, 2)
-        new = {"seqs": seqs, "log_prob": top_log_prob}
-        if static.return_weights:
-            step_align = _gather_beams(alignment.reshape(batch, beam, *align_shape), parent)
-            new["align"] = jax.lax.dynamic_update_index_in_dim(
-                _gather_beams(alive["align"], parent), step_align, t, 2
-            )
+
+        # Each candidate inherits its parent's records and this step's weights of its parent.
+        def extend(buffer, x):
+            x = _gather_beams(x.reshape(batch, beam, *x.shape[1:]), parent)
+            return jax.lax.dynamic_update_index_in_dim(_gather_beams(buffer, parent), x, t, 2)
+
+        new = {
+            "seqs": seqs,
+            "log_prob": top_log_prob,
+            "records": jax.tree.map(extend, alive["records"], carried),
+        }
 
         # Finished: eos among the top k candidates (fairseq), or anything in the top k at the limit.
         is_eos = token == static.eos_id
@@ -478,6 +733,7 @@ def _beam_search(graphdef, state, src, dyn, static: _Static) -> DecodeResult:
     alive = {
         "seqs": jnp.zeros((batch, beam, length), jnp.int32),
         "log_prob": jnp.tile(jnp.array([0.0] + [-jnp.inf] * (beam - 1)), (batch, 1)),
+        "records": records,
     }
     finished = {
         "seqs": jnp.zeros((batch, beam, length), jnp.int32),
@@ -485,15 +741,20 @@ def _beam_search(graphdef, state, src, dyn, static: _Static) -> DecodeResult:
         "score": jnp.full((batch, beam), -jnp.inf),
         "length": jnp.zeros((batch, beam), jnp.int32),
         "ended": jnp.zeros((batch, beam), bool),
+        "records": records,
     }
-    if static.return_weights:
-        alive["align"] = jnp.zeros((batch, beam, length, *align_shape), jnp.float32)
-        finished["align"] = alive["align"]
     init = (jnp.array(0, jnp.int32), cache, alive, finished, jnp.zeros((batch,), bool))
     finished = jax.lax.while_loop(cond, body, init)[3]
     top = jax.tree.map(lambda x: x[:, : static.num_return], finished)
+    records = top["records"]
     return DecodeResult(
-        top["seqs"], top["score"], top["log_prob"], top["length"], top["ended"], top.get("align")
+        top["seqs"],
+        top["score"],
+        top["log_prob"],
+        top["length"],
+        top["ended"],
+        records.get("alignment"),
+        _traces(records, source),
     )
 
 
@@ -512,6 +773,7 @@ def beam_search(
     bos_id: int = 1,
     return_weights: bool = False,
     num_return: int = 1,
+    trace: TraceSelection | None = None,
 ) -> DecodeResult:
     """Batched beam search, compiled once per shapes and settings.
 
@@ -532,6 +794,10 @@ def beam_search(
       return_weights: also return each hypothesis's alignment `[b, r, L, s]`,
         carried and reordered with its beam.
       num_return: hypotheses returned per example, best first (<= beam_size).
+      trace: also carry each hypothesis's selected attention weights of every
+        step (`[b, r, L, ...]`, reordered with its beam like the alignment) and
+        the encoder's, once per source (`DecodeResult.traces`; see
+        `greedy_search` and `attnx.interpret.traces.trace_beam_search`).
 
     Returns:
       A `DecodeResult` with a hypothesis axis: sequences `[b, num_return, L]`,
@@ -561,6 +827,7 @@ def beam_search(
         return_weights=return_weights,
         beam_size=beam_size,
         num_return=num_return,
+        trace=_check_trace(trace),
     )
     dyn = dict(a=a, b=b, min_length=min_length, alpha=float(alpha), gnmt=length_penalty == "gnmt")
     graphdef, state = nnx.split(model)

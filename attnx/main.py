@@ -1,7 +1,7 @@
 r"""The attnx entry point.
 
   python -m attnx.main --config=experiments/NAME.py[:ARG] --workdir=DIR \
-      [--config.any.key=value ...] [--mode=train|eval|decode|visualize|summary] [-v 1]
+      [--config.any.key=value ...] [--mode=train|eval|decode|visualize|interpret|summary] [-v 1]
 
 (also installed as the console script `attnx`). `train` trains and evaluates,
 resuming from DIR's newest whole checkpoint; `eval`, `decode` and `visualize`
@@ -26,7 +26,7 @@ from ml_collections import config_flags
 from attnx import cli
 
 FLAGS = flags.FLAGS
-MODES = ("train", "eval", "decode", "visualize", "summary")
+MODES = ("train", "eval", "decode", "visualize", "interpret", "summary")
 config_flags.DEFINE_config_file("config", None, "Experiment file: experiments/NAME.py[:ARG].")
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and plots go (any path; resolved).")
 flags.DEFINE_enum("mode", "train", MODES, "What to do.")

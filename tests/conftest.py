@@ -63,3 +63,9 @@ def dates_data_dir() -> str:
 def numbers_data_dir() -> str:
     """A data_dir holding the bundled `number_words/en_de` task (and whatever else is there)."""
     return _prepared("number_words/en_de")
+
+
+@pytest.fixture(scope="session")
+def digits_data_dir() -> str:
+    """A data_dir holding the bundled `digit_captions` task (and whatever else is there)."""
+    return _prepared("digit_captions")

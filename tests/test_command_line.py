@@ -93,6 +93,10 @@ CASES = {
             "config.model.name='transformer' has none",
         ],
     ),
+    "an interpret metric that does not exist": (
+        [TINY, "--config.interpret.head_metric=best", "--workdir={tmp}/run"],
+        ["config.interpret.head_metric='best'", "'worst_field_accuracy'"],
+    ),
     "unknown architecture": (
         [TINY, "--config.model.name=lstm", "--workdir={tmp}/run"],
         ["config.model.name='lstm'", "'convs2s'"],

@@ -61,6 +61,20 @@ class TextPairTask:
     dataset: str
     source_key: str
     target_key: str
+    span_keys: tuple[str, str] | None = None
+
+    def gold_spans(self, record: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray] | None:
+        """The gold alignment of the record, if the dataset carries one; else None.
+
+        `span_keys` name two int fields `[target characters]`: for each
+        character of the target text, the half-open span `[start, end)` of the
+        source characters it comes from (-1, -1 for a character with none,
+        e.g. the dashes of a `dates` target).
+        """
+        if self.span_keys is None:
+            return None
+        start, end = (np.asarray(get_field(record, key)) for key in self.span_keys)
+        return start.astype(np.int32), end.astype(np.int32)
 
     def check_record(self, record: Mapping[str, Any]) -> None:
         """Raises a KeyError naming the field if `record` lacks one the task reads."""
@@ -98,6 +112,18 @@ class CaptionTask:
     image_key: str
     caption_key: str
     caption_choice: str = "single"
+    box_key: str | None = None
+
+    def gold_boxes(self, record: Mapping[str, Any]) -> np.ndarray | None:
+        """The gold boxes of the record, if the dataset carries them; else None.
+
+        `box_key` names an int field `[n, 4]`: `[ymin, xmin, ymax, xmax]` in
+        pixels (max exclusive) of the n-th thing the caption names, in order
+        (the digits of a `digit_captions` canvas, left to right).
+        """
+        if self.box_key is None:
+            return None
+        return np.asarray(get_field(record, self.box_key)).astype(np.int32).reshape(-1, 4)
 
     def __post_init__(self):
         if self.caption_choice not in CAPTION_CHOICES:

@@ -8,6 +8,8 @@ builders, which pull in babel, num2words and scikit-learn.
 
 from __future__ import annotations
 
+import dataclasses
+
 from attnx.data import builder_module
 from attnx.data.kinds import (
     DatasetKind,
@@ -81,16 +83,21 @@ def _wmt_task(section: Section) -> Task:
     return TextPairTask(dataset, source, target)
 
 
-def _caption_task(image_key: str, caption_key: str, caption_choice: str):
-    """make_task of a captioning dataset with these default fields."""
+def _caption_task(
+    image_key: str, caption_key: str, caption_choice: str, box_key: str | None = None
+):
+    """make_task of a captioning dataset with these default fields (and gold boxes)."""
 
     def make_task(section: Section) -> Task:
         refuse_text_keys(section)
+        keys_given = setting(section, "image_key") or setting(section, "caption_key")
         return CaptionTask(
             dataset_name(section),
             setting(section, "image_key") or image_key,
             setting(section, "caption_key") or caption_key,
             setting(section, "caption_choice") or caption_choice,
+            # The boxes describe the default fields' captions only.
+            box_key=None if keys_given else box_key,
         )
 
     return make_task
@@ -144,14 +151,22 @@ def _open_user_builder(section: Section, split: str) -> Records:
     return open_tfds(section, split)
 
 
-DATES = DatasetKind("'dates'", named("dates", "dates/*"), _bundled_text_task, open_tfds)
+def _dates_task(section: Section) -> Task:
+    """The dates task, with its gold alignment (`attnx.data.dates`: a source span per character)."""
+    task = _bundled_text_task(section)
+    if setting(section, "source_key") or setting(section, "target_key"):
+        return task  # other fields than the ones the spans describe
+    return dataclasses.replace(task, span_keys=("alignment_start", "alignment_end"))
+
+
+DATES = DatasetKind("'dates'", named("dates", "dates/*"), _dates_task, open_tfds)
 NUMBER_WORDS = DatasetKind(
     "'number_words/*'", named("number_words", "number_words/*"), _bundled_text_task, open_tfds
 )
 DIGIT_CAPTIONS = DatasetKind(
     "'digit_captions'",
     named("digit_captions", "digit_captions/*"),
-    _caption_task("image", "caption", "single"),
+    _caption_task("image", "caption", "single", box_key="boxes"),
     open_tfds,
 )
 WMT = DatasetKind(

@@ -11,7 +11,9 @@ as its code point (U+0E01) instead of an empty box.
 import functools
 import io
 import os
+import pathlib
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import matplotlib
 import numpy as np
@@ -19,6 +21,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.font_manager as font_manager  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ft2font import FT2Font  # noqa: E402
 
 _FALLBACK_FAMILIES = ("Noto", "Droid", "WenQuanYi", "Unifont", "Arial Unicode")
@@ -108,3 +111,40 @@ def plot_alignment(
     picture = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
     plt.close(figure)
     return picture
+
+
+# --------------------------------------------------------------------------
+# Writing report figures (attnx.interpret.figures and its siblings).
+# --------------------------------------------------------------------------
+
+_FIGURE_DPI = 100
+_FIGURE_MAX_PIXELS = 4800  # longest side of a PNG; the SVG keeps every detail
+
+
+class Rendered(NamedTuple):
+    """The files one figure was written to."""
+
+    png: pathlib.Path
+    svg: pathlib.Path
+
+
+def save_figure(figure: Figure, path_stem: str | os.PathLike) -> Rendered:
+    """Writes `figure` to `<path_stem>.png` and `<path_stem>.svg` (folders created).
+
+    Deterministic: the PNG has no timestamp, and the SVG no date and a fixed
+    id salt (Matplotlib salts its ids with a random uuid unless told not
+    to), so the same figure gives the same bytes. The PNG is drawn at 100
+    dpi, less if its long side would pass 4800 px. A stem ending in '.png' or
+    '.svg' has that suffix dropped; any other dot ('grid.layer3') is part of
+    the name.
+    """
+    stem = pathlib.Path(path_stem)
+    if stem.suffix.lower() in (".png", ".svg"):
+        stem = stem.with_suffix("")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    png, svg = stem.parent / f"{stem.name}.png", stem.parent / f"{stem.name}.svg"
+    dpi = min(_FIGURE_DPI, _FIGURE_MAX_PIXELS / max(figure.get_size_inches()))
+    figure.savefig(png, format="png", dpi=dpi)
+    with matplotlib.rc_context({"svg.hashsalt": "attnx"}):
+        figure.savefig(svg, format="svg", metadata={"Date": None})
+    return Rendered(png, svg)

@@ -28,6 +28,8 @@ Implementations:
                (Rabe & Staats 2021): O(length) memory in forward and backward.
   'splash'     Pallas splash attention (TPU; interpret mode elsewhere).
   None         picks one for the backend and the arguments.
+Inside an `attnx.layers.interventions.attention_edit` block every call uses
+'reference' and hands its weights to the edit right after normalisation.
 """
 
 import math
@@ -36,6 +38,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from attnx.layers import interventions
 from attnx.layers import masks as masks_lib
 from attnx.layers.chunked import chunked_attention
 from attnx.layers.masks import MaskSpec
@@ -148,6 +151,7 @@ def reference_attention(
     if mask is None:
         # Without a mask a -inf bias can still empty a row; keep the contract.
         weights = jnp.where(jnp.isnan(weights), 0.0, weights)
+    weights = interventions.apply(weights, mask, "attention")  # identity unless an edit is on
     attended = weights
     if dropout_rate > 0.0:
         attended = apply_dropout(weights, dropout_rate, dropout_rng)
@@ -297,6 +301,9 @@ def attention(
         raise ValueError(
             f"attention: unknown implementation {implementation!r}; choose one of {IMPLEMENTATIONS}"
         )
+    if interventions.active():
+        # Only the materialising path forms the weights an edit acts on.
+        implementation = "reference"
     if implementation != "reference":
         if return_weights:
             raise ValueError(

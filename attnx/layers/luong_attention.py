@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attnx.layers import interventions
 from attnx.layers.attention_memory import (
     AttentionMemory,
     check_memory_inputs,
@@ -265,6 +266,7 @@ class LuongAttention(nnx.Module):
         )
         scores = self._scores(query, memory)
         weights = normalize_scores(self.normalizer, scores, memory.mask[:, None, None, :])
+        weights = interventions.apply(weights, memory.mask[:, None, None, :], "luong")
         return self._attend(weights, memory, single_step, return_weights)
 
     def attentional_hidden(self, context: Array, query: Array) -> Array:
@@ -468,4 +470,6 @@ class LocalAttention(LuongAttention):
         if self.mode == "local-p":
             sigma = self.window / 2.0
             weights = weights * jnp.exp(-jnp.square(offset) / (2.0 * sigma**2))[:, None]
+        # After local-p's Gaussian: these are the weights the context uses; the window is the mask.
+        weights = interventions.apply(weights, in_window[:, None], "local")
         return self._attend(weights, memory, single_step, return_weights)

@@ -47,6 +47,13 @@ class MultiHeadAttention(nnx.Module):
       sow_weights: sow the attention weights into `nnx.Intermediate` as
         'attention_weights' on every call.
       dtype: compute dtype; parameters stay `param_dtype`.
+
+    Attributes:
+      skip_weights: False (the default): a call asking for the weights computes
+        them. True: such a call keeps `implementation` and returns a NaN
+        placeholder instead; attention traces set it on a copy of a model, on
+        the layers they do not select (`attnx.interpret.traces`), so that asking
+        the model for its weights materialises only the traced layers.
     """
 
     def __init__(
@@ -99,6 +106,8 @@ class MultiHeadAttention(nnx.Module):
         self.scale = scale
         self.rotary_base = rotary_base
         self.sow_weights = sow_weights
+        # Static (part of the graphdef): flipping it recompiles, never mutates a caller's state.
+        self.skip_weights = False
         self.deterministic = False
         self.dtype = dtype
 
@@ -221,7 +230,9 @@ class MultiHeadAttention(nnx.Module):
           decode: self-attention through the cache: the `q_length` new tokens
             are written at the cache index and attend every cached token up to
             their own position. `init_cache` must have been called.
-          return_weights: also return `[batch, heads, q_length, kv_length]` weights.
+          return_weights: also return `[batch, heads, q_length, kv_length]` weights
+            (with `skip_weights` set on the module: a NaN placeholder of that shape,
+            never computed; under `jit` XLA drops it when nothing reads it).
           deterministic: no dropout; defaults to the module's `deterministic` flag.
 
         Returns:
@@ -275,7 +286,8 @@ class MultiHeadAttention(nnx.Module):
                 positions = jnp.broadcast_to(jnp.arange(q_length), inputs_q.shape[:2])
             query, key = self._rotate(query, positions), self._rotate(key, positions)
 
-        want_weights = return_weights or self.sow_weights
+        skipped = return_weights and self.skip_weights
+        want_weights = (return_weights and not skipped) or self.sow_weights
         dropout_rate = 0.0 if deterministic else self.dropout_rate
         implementation = None if want_weights or decode else self.implementation
         result = attention(
@@ -297,6 +309,9 @@ class MultiHeadAttention(nnx.Module):
         context, weights = result if want_weights else (result, None)
         if self.sow_weights:
             self.sow(nnx.Intermediate, "attention_weights", weights)
+        if skipped and weights is None:
+            shape = (query.shape[0], self.num_heads, q_length, key.shape[1])
+            weights = jnp.full(shape, jnp.nan, context.dtype)
         output = jnp.einsum("btnh,nho->bto", context, self.out_kernel[...].astype(self.dtype))
         if self.out_bias is not None:
             output = output + self.out_bias[...].astype(self.dtype)

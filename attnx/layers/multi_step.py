@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attnx.layers import interventions
 from attnx.layers.normalizers import Normalizer, get_normalizer
 from attnx.layers.params import Initializer, param
 
@@ -185,6 +186,9 @@ class MultiStepAttention(nnx.Module):
         summary = (summary + target_embedding.astype(dt)) * self.query_scale  # d_i^l
         scores = jnp.einsum("bte,bse->bts", summary, encoder_keys.astype(dt))
         weights = self.normalizer(scores.astype(jnp.float32), source_mask[:, None, :])
+        weights = interventions.apply(
+            weights, source_mask[:, None, :], "multi_step", missing_axes=(1,)
+        )
         context = jnp.einsum(
             "bts,bse->bte", self.dropout(weights).astype(dt), encoder_values.astype(dt)
         )

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attnx.layers import interventions
 from attnx.layers.attention_memory import (
     AttentionMemory,
     check_memory_inputs,
@@ -181,6 +182,7 @@ class AdditiveAttention(nnx.Module):
         )
         scores = additive_scores(projected_query, projected_keys, self.v[...].astype(self.dtype))
         weights = normalize_scores(self.normalizer, scores, memory.mask[:, None, None, :])
+        weights = interventions.apply(weights, memory.mask[:, None, None, :], "additive")
         context = weighted_sum(self.dropout(weights), memory.values)
         batch, q_length = context.shape[:2]
         context = context.reshape(batch, q_length, -1)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from attnx.layers import interventions
 from attnx.layers.attention_memory import scoring_vector_init
 from attnx.layers.normalizers import Normalizer, get_normalizer
 from attnx.layers.params import Initializer, param
@@ -209,6 +210,7 @@ class SpatialAttention(nnx.Module):
         projected_hidden = hidden @ self.hidden_kernel[...].astype(dt)  # [b, A]
         energy = jnp.tanh(memory.projected + projected_hidden[:, None, :]) @ self.v[...].astype(dt)
         weights = self.normalizer(energy.astype(jnp.float32), memory.mask)  # eq. 4-5, [b, L]
+        weights = interventions.apply(weights, memory.mask, "spatial", missing_axes=(1, 2))
         context = jnp.einsum("bl,blc->bc", self.dropout(weights).astype(dt), memory.features)
         if self.gate:
             logit = hidden @ self.gate_kernel[...].astype(dt) + self.gate_bias[...].astype(dt)

@@ -58,6 +58,11 @@ class ModelSpec:
       width: the attribute of the config dataclass giving the model's width,
         the d_model of the Transformer's learning-rate schedule (Vaswani et al.
         eq. 3), which any architecture may train with.
+      source_embedding: the dotted path, from the model, of the source token
+        table (a `[vocab, dim]` parameter the encoder reads by `jnp.take` or
+        `nnx.Embed`), e.g. 'encoder.embedding'; None for a source that is not
+        tokens (an image). Attribution methods differentiate with respect to
+        the embedded source through it (`attnx.interpret.attribution`).
     """
 
     module: type[nnx.Module]
@@ -71,6 +76,7 @@ class ModelSpec:
     width: str = "d_model"
     loss_terms: Callable[[Any, Mapping[str, Any]], LossTerms | None] | None = None
     train_keys: tuple[str, ...] = ()
+    source_embedding: str | None = None
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -87,6 +93,7 @@ MODELS: dict[str, ModelSpec] = {
         "tgt_vocab_size",
         packing=True,
         length_fields={"max_length": "both"},
+        source_embedding="source_embedding.embedding",
     ),
     "rnn": ModelSpec(
         RNNEncoderDecoder,
@@ -101,6 +108,7 @@ MODELS: dict[str, ModelSpec] = {
         "tgt_vocab_size",
         length_fields={"max_source_length": "source"},
         width="decoder_dim",
+        source_embedding="encoder.embedding",
     ),
     "convs2s": ModelSpec(
         ConvS2S,
@@ -117,6 +125,7 @@ MODELS: dict[str, ModelSpec] = {
         "tgt_vocab_size",
         length_fields={"max_length": "both"},
         width="embed_dim",
+        source_embedding="source_embedding.embedding",
     ),
     "captioner": ModelSpec(
         Captioner,

@@ -126,6 +126,16 @@ def base_config() -> ml_collections.ConfigDict:
         alignments=False,
         batch_size=config_dict.placeholder(int),
     )
+    # --mode=interpret (attnx.training.interpret_mode): the examples it reads and
+    # scores, and the metric that ranks the (layer, head) maps against gold.
+    c.interpret = dict(
+        split=config_dict.placeholder(str),  # default: task.eval_split
+        max_examples=256,
+        head_metric="accuracy",  # 'accuracy', 'mass' or 'worst_field_accuracy'
+        page_examples=32,  # examples browsable in index.html
+        figures=4,  # examples drawn as PNG and SVG figures
+        faithfulness_examples=32,  # examples of the erasure and intervention tests (0: none)
+    )
     return c
 
 
@@ -258,6 +268,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.train.baseline_decay must be in [0, 1), got {config.train.baseline_decay!r}"
         )
     _choice("eval.length_penalty", config.eval.length_penalty, ("gnmt", "power"))
+    if "interpret" in config:
+        _choice(
+            "interpret.head_metric",
+            config.interpret.head_metric,
+            ("accuracy", "mass", "worst_field_accuracy"),
+        )
+        _positive("interpret.max_examples", config.interpret.max_examples)
+        for key in ("page_examples", "figures", "faithfulness_examples"):
+            if config.interpret[key] < 0:
+                raise ValueError(
+                    f"config.interpret.{key} must be >= 0, got {config.interpret[key]!r}"
+                )
     if config.checkpoint.average_last > config.checkpoint.keep:
         raise ValueError(
             f"config.checkpoint.average_last={config.checkpoint.average_last} needs "

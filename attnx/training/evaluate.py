@@ -92,6 +92,7 @@ def evaluate(
     predictions_path: str | None = None,
     sources_of: Callable[[int], str] | None = None,
     warn_unknown_characters: bool = False,
+    pointing: Callable[[Mapping[str, jax.Array]], Any] | None = None,
 ) -> tuple[dict[str, float], list[tuple[str, np.ndarray]]]:
     """Runs one evaluation pass; returns `({'eval/...': value}, [(name, picture), ...])`.
 
@@ -133,6 +134,10 @@ def evaluate(
         the first 20 such inputs, then one summary line with their number
         and the distinct characters. Needs `sources_of`; ignored for captions
         (an image has no text).
+      pointing: `pointing(batch) -> PointingScores | None`, the attention of
+        the decoded batches scored against the task's gold
+        (`Run._pointing`); its totals give 'eval/pointing_accuracy' and
+        'eval/attention_mass'.
 
     Raises:
       ValueError: `warn_unknown_characters` without `sources_of` for a text
@@ -154,10 +159,13 @@ def evaluate(
     unknown_seen: dict[str, None] = {}  # distinct unknown characters, in order of appearance
     pictures = []
     decoded = 0
+    pointed = None
     for batch in batches:
         sums = metrics_lib.add_metric_sums(sums, eval_step(params, batch))
         if decoded >= eval_config.max_examples:
             continue
+        if pointing is not None and (batch_pointing := pointing(batch)) is not None:
+            pointed = batch_pointing if pointed is None else pointed + batch_pointing
         src = batch["image"] if captions else batch["inputs"]
         result = decoding.beam_search(
             model,
@@ -227,6 +235,9 @@ def evaluate(
             hypotheses, [r[0] for r in references], tokenize=eval_config.bleu_tokenize
         )
     results["eval/decoded_examples"] = float(len(hypotheses))
+    if pointed is not None and pointed.count:
+        results["eval/pointing_accuracy"] = pointed.accuracy
+        results["eval/attention_mass"] = pointed.mass
     if unknown_inputs and chief:
         listed = list(unknown_seen)[:_MAX_LISTED_CHARACTERS]
         more = len(unknown_seen) - len(listed)

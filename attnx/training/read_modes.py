@@ -51,6 +51,10 @@ def read_run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict
 
         run_input_mode(config, workdir)
         return {}
+    if mode == "interpret":
+        from attnx.training.interpret_mode import run_interpret_mode
+
+        return run_interpret_mode(config, workdir)
     run = Run.build(config, workdir, mode=mode)
     try:
         run.restore()

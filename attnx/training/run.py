@@ -12,6 +12,7 @@ directory.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,7 +28,15 @@ from attnx.data import pipeline, tasks, tokenizers
 from attnx.errors import RunError
 from attnx.models import build_model, make_loss_terms, make_model_config, model_width, spec_of
 from attnx.models.loss_terms import LossTerms
-from attnx.training import checkpoint_items, checkpoints, evaluate, optimizers, sharding, steps
+from attnx.training import (
+    checkpoint_items,
+    checkpoints,
+    evaluate,
+    gold,
+    optimizers,
+    sharding,
+    steps,
+)
 from attnx.training import config as config_lib
 from attnx.training.logging import MetricsWriter
 
@@ -98,6 +107,8 @@ class Run:
     # Set by `restore`: whether a checkpoint was restored and its data state.
     restored: bool = False
     data_state: Any = None
+    # The jitted teacher-forced 'alignment' of `_pointing`, compiled on first use.
+    _alignment: Any = None
 
     @classmethod
     def build(cls, config: ml_collections.ConfigDict, workdir: str, *, mode: str) -> Run:
@@ -262,6 +273,28 @@ class Run:
 
     # --- Evaluation ------------------------------------------------------------
 
+    def _pointing(self, params: Any, batch: dict[str, Any]) -> Any:
+        """Pointing scores of the model's 'alignment' on a batch, against the task's gold."""
+        if self._alignment is None:
+            self._alignment = _alignment_fn(self.graphdef, self.rest)
+        host = {key: evaluate.to_host(value) for key, value in batch.items()}
+        keep = np.flatnonzero(host["index"] >= 0)
+        if keep.size == 0:
+            return None
+        rows = {key: value[keep] for key, value in host.items()}
+        scorer = gold.scorer(
+            self.task,
+            self.eval_source,
+            rows,
+            rows["targets"].shape[1],
+            tokenizer=self.config.task.tokenizer,
+        )
+        if scorer is None:
+            return None
+        with jax.set_mesh(self.mesh):
+            alignment = evaluate.to_host(self._alignment(params, batch))
+        return scorer.score(alignment[keep])
+
     def evaluate(
         self,
         step: int,
@@ -280,6 +313,8 @@ class Run:
         `evaluate.evaluate` (e.g. `predictions_path`).
         """
         params = self.state.params if params is None else params
+        if gold.has_gold(self.task, self.config.task.tokenizer):
+            options.setdefault("pointing", functools.partial(self._pointing, params))
         merged = ml_collections.ConfigDict(self.config.eval.to_dict())
         merged.update(eval_config or {})
         with jax.set_mesh(self.mesh):
@@ -304,6 +339,16 @@ class Run:
         for name, picture in pictures:
             writer.write_image(step, f"attention/{name}", picture)
         return results
+
+
+def _alignment_fn(graphdef: Any, rest: Any) -> Callable[..., jax.Array]:
+    """`(params, batch) -> 'alignment' [B, T, s]`, the model's own map, teacher-forced."""
+
+    def alignment(params, batch):
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        return steps.forward(model, batch, train=False, return_weights=True)[1]["alignment"]
+
+    return jax.jit(alignment)
 
 
 def model_summary(

@@ -43,7 +43,7 @@ LOCK_FILE = "writer.lock"
 CONFIG_FILE = "config.json"
 HEARTBEAT_SECONDS = 60.0
 STALE_AFTER_SECONDS = 600.0
-READ_ONLY_MODES = ("eval", "decode", "visualize")
+READ_ONLY_MODES = ("eval", "decode", "visualize", "interpret")
 
 
 # --- paths --------------------------------------------------------------------------------------

@@ -22,11 +22,26 @@ def test_unknown_dataset_names_every_known_kind():
         tasks.check_task_config({"dataset": "my_corpus"})
 
 
+DATES_SPANS = ("alignment_start", "alignment_end")
+
+
 @pytest.mark.parametrize(
     "section, expected",
     [
-        ({"dataset": "dates"}, tasks.TextPairTask("dates", "source", "target")),
-        ({"dataset": "dates:1.0.0"}, tasks.TextPairTask("dates:1.0.0", "source", "target")),
+        ({"dataset": "dates"}, tasks.TextPairTask("dates", "source", "target", DATES_SPANS)),
+        (
+            {"dataset": "dates:1.0.0"},
+            tasks.TextPairTask("dates:1.0.0", "source", "target", DATES_SPANS),
+        ),
+        # Other fields than the ones the gold spans describe: no gold.
+        (
+            {"dataset": "dates", "source_key": "target", "target_key": "source"},
+            tasks.TextPairTask("dates", "target", "source"),
+        ),
+        (
+            {"dataset": "digit_captions"},
+            tasks.CaptionTask("digit_captions", "image", "caption", box_key="boxes"),
+        ),
         (
             {"dataset": "wmt14_translate/de-en", "target_key": "en"},
             tasks.TextPairTask("wmt14_translate/de-en", "de", "en"),
@@ -182,3 +197,25 @@ def test_a_builder_module_that_fails_is_named(tmp_path, monkeypatch, spec, datas
 def test_a_builder_module_needs_the_fields():
     with pytest.raises(ValueError, match="give both config.task.source_key and"):
         tasks.task_from_config({"dataset": "mine", "builder_module": "my.module"})
+
+
+def test_the_bundled_tasks_hand_out_their_gold(dates_data_dir, digits_data_dir):
+    # The spans and boxes the interpretability report scores attention against.
+    dates = tasks.task_from_config({"dataset": "dates", "data_dir": dates_data_dir})
+    record = tasks.open_split({"dataset": "dates", "data_dir": dates_data_dir}, "validation")[0]
+    start, end = dates.gold_spans(record)
+    source, target = dates.source_text(record), dates.target_text(record)
+    assert start.shape == end.shape == (len(target),)
+    year = source[start[0] : end[0]]
+    assert year.isdigit() and target[:4].endswith(year)  # a 2-digit year ends the 4 digits
+    assert start[4] == end[4] == -1  # the first dash comes from no source character
+
+    digits = digits_data_dir
+    captions = tasks.task_from_config({"dataset": "digit_captions"})
+    record = tasks.open_split({"dataset": "digit_captions", "data_dir": digits}, "validation")[0]
+    boxes = captions.gold_boxes(record)
+    assert boxes.shape == (len(captions.caption(record)), 4)
+    image = captions.image(record)[..., 0]
+    for ymin, xmin, ymax, xmax in boxes:
+        assert image[ymin:ymax, xmin:xmax].any()  # a digit is drawn inside its box
+    assert tasks.task_from_config({"dataset": "number_words/en_de"}).gold_spans({}) is None

@@ -27,7 +27,8 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # selenium drives the system's Chromium in tests/interpret/test_html_page.py.
-    "test": ["pytest>=9.0", "pytest-xdist>=3.8", "ruff>=0.17", "selenium>=4.51"],
+    # networkx is a reference max-flow in tests/interpret/test_flow.py.
+    "test": ["pytest>=9.0", "pytest-xdist>=3.8", "ruff>=0.17", "selenium>=4.51", "networkx>=3.0"],
     # Accelerator builds of jaxlib; see BUILD.md.
     "gpu": ["jax[cuda12]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],

@@ -33,7 +33,7 @@ def to_host(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _labels(tokenizer: Tokenizer, ids: np.ndarray) -> list[str]:
+def token_labels(tokenizer: Tokenizer, ids: np.ndarray) -> list[str]:
     """One label per real token (up to and excluding eos / padding)."""
     labels = []
     for token in ids:
@@ -210,11 +210,11 @@ def evaluate(
                         _describe(unknown),
                     )
             if decoded < eval_config.num_plots:
-                target_labels = _labels(tokenizer, sequences[row]) + ["</s>"]
+                target_labels = token_labels(tokenizer, sequences[row]) + ["</s>"]
                 if captions:
                     source_labels = [str(i) for i in range(alignments.shape[-1])]
                 else:
-                    source_labels = _labels(tokenizer, sources[row]) + ["</s>"]
+                    source_labels = token_labels(tokenizer, sources[row]) + ["</s>"]
                 name = f"alignment_{decoded}"
                 path = None if plot_dir is None else os.path.join(plot_dir, f"{name}.png")
                 picture = plot_alignment(

@@ -20,19 +20,15 @@ from attnx.interpret import figures as figures_lib
 from attnx.interpret import spatial_figures
 from attnx.interpret.example_views import example_maps, kind_of
 from attnx.interpret.html_page import AttentionMap, PageExample, SourceImage
+from attnx.training import evaluate
 
 # The maps drawn in an example's head grid: those over the source.
 _SOURCE_KINDS = ("cross", "multi-step", "global", "spatial")
 
 
 def _token_labels(tokenizer: Any, ids: np.ndarray) -> list[str]:
-    """One label per real token, then '</s>' (the eos row or column)."""
-    labels = []
-    for token in np.asarray(ids):
-        if token in (0, 2):
-            break
-        labels.append(tokenizer.decode([int(token)]) or f"<{int(token)}>")
-    return [*labels, "</s>"]
+    """One label per real token (evaluation's labels), then '</s>' (the eos row or column)."""
+    return [*evaluate.token_labels(tokenizer, np.asarray(ids)), "</s>"]
 
 
 def _png_base64(image: np.ndarray) -> str:

@@ -59,6 +59,7 @@ from PIL import Image
 from attnx import decoding
 from attnx.data import tokenizers
 from attnx.errors import RunError
+from attnx.interpret import alignment_output, alignments
 from attnx.models import MODELS, build_model, make_loss_terms, make_model_config, model_width
 from attnx.training import checkpoints, optimizers, steps
 from attnx.training.workdir import CONFIG_FILE
@@ -85,9 +86,15 @@ class Hypothesis:
         or of grid cells.
       finished: True if it ended with eos (False: it reached the maximum
         length, `config.task.max_target_length`).
-      alignment: with `alignments=True`, the hard alignment as (source
-        position, target position) pairs, 0-based: for each output token but
-        the final eos, the source position it attends to most. Else None.
+      alignment: with `alignment='hard'`, the hard alignment as (source
+        position, target position) pairs, 0-based, sorted as Pharaoh lines
+        are: for each output token but the final eos, the real source token
+        it attends to most (eos is not a candidate; for a captioner, the grid
+        cell). Else None.
+      soft_alignment: with `alignment='soft'`, float32 `[n, m]`: the weights
+        of the n output tokens before eos over the m real source tokens (or
+        grid cells). Else None. Both index tokens as `--mode=interpret`'s
+        `alignments.pharaoh` does (`attnx.interpret.alignment_output`).
     """
 
     text: str
@@ -97,6 +104,7 @@ class Hypothesis:
     attention: np.ndarray
     finished: bool
     alignment: list[tuple[int, int]] | None = None
+    soft_alignment: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -349,7 +357,7 @@ class TrainedModel:
         *,
         beam_size: int | None = None,
         nbest: int = 1,
-        alignments: bool = False,
+        alignment: str | None = None,
         batch_size: int | None = None,
         names: Sequence[str] | None = None,
     ) -> list[Result]:
@@ -360,7 +368,8 @@ class TrainedModel:
           beam_size: hypotheses kept per input; default `config.decode.beam_size`,
             else `config.eval.beam_size` of the run.
           nbest: hypotheses returned per input, best first (<= beam_size).
-          alignments: also give each hypothesis's hard `alignment`.
+          alignment: 'hard' or 'soft': also give each hypothesis's `alignment`
+            (hard) or `soft_alignment`; None gives neither.
           batch_size: inputs decoded at once; default `config.decode.batch_size`,
             else `config.eval.batch_size` of the run.
           names: how warnings name each input (default 'input i', 0-based).
@@ -371,7 +380,7 @@ class TrainedModel:
             raise TypeError("translate: give a list of texts, not one str")
         names = self._names(names, len(texts))
         sources = [self._text(text, name) for text, name in zip(texts, names, strict=True)]
-        return self._decode(sources, beam_size, nbest, alignments, batch_size)
+        return self._decode(sources, beam_size, nbest, alignment, batch_size)
 
     def caption(
         self,
@@ -379,7 +388,7 @@ class TrainedModel:
         *,
         beam_size: int | None = None,
         nbest: int = 1,
-        alignments: bool = False,
+        alignment: str | None = None,
         batch_size: int | None = None,
         names: Sequence[str] | None = None,
     ) -> list[Result]:
@@ -401,7 +410,7 @@ class TrainedModel:
             self._image(image, index, name)
             for index, (image, name) in enumerate(zip(images, names, strict=True))
         ]
-        return self._decode(sources, beam_size, nbest, alignments, batch_size)
+        return self._decode(sources, beam_size, nbest, alignment, batch_size)
 
     # --- inputs ---
 
@@ -493,7 +502,7 @@ class TrainedModel:
         sources: list[_Source],
         beam_size: int | None,
         nbest: int,
-        alignments: bool,
+        alignment: str | None,
         batch_size: int | None,
     ) -> list[Result]:
         beam_size = self.default_beam_size if beam_size is None else beam_size
@@ -504,6 +513,7 @@ class TrainedModel:
             raise ValueError(f"nbest must be an int in [1, beam_size={beam_size}], got {nbest!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        alignment_output.check_kind(alignment, key="alignment")
         hypotheses: list[list[Hypothesis]] = [[] for _ in sources]
         for start in range(0, len(sources), batch_size):
             chunk = range(start, min(start + batch_size, len(sources)))
@@ -514,7 +524,7 @@ class TrainedModel:
                 groups.setdefault(sources[i].array.shape if self.image_source else (), []).append(i)
             for rows in groups.values():
                 found = self._decode_batch(
-                    [sources[i] for i in rows], beam_size, nbest, alignments, batch_size
+                    [sources[i] for i in rows], beam_size, nbest, alignment, batch_size
                 )
                 for i, one in zip(rows, found, strict=True):
                     hypotheses[i] = one
@@ -550,7 +560,7 @@ class TrainedModel:
         sources: list[_Source],
         beam_size: int,
         nbest: int,
-        alignments: bool,
+        alignment: str | None,
         batch_size: int,
     ) -> list[list[Hypothesis]]:
         """Beam search on one batch of non-empty sources; their hypotheses, best first."""
@@ -589,10 +599,18 @@ class TrainedModel:
                 ids = sequences[row, k, :length]
                 attention = weights[row, k, :length, :source_length]
                 ended = bool(finished[row, k])
-                hard = None
-                if alignments:
-                    targets = length - 1 if ended else length
-                    hard = [(int(np.argmax(attention[t])), t) for t in range(targets)]
+                hard = soft = None
+                if alignment is not None:
+                    # The same cut as --mode=interpret's: no eos row, no eos column.
+                    source_ids = None if self.image_source else source.array[None]
+                    target_mask, source_mask = alignment_output.real_masks(
+                        ids[None], source_ids, source_length
+                    )
+                    if alignment == "hard":
+                        links = alignments.argmax_links(attention[None], source_mask, target_mask)
+                        hard = sorted(links[0])
+                    else:
+                        soft = attention[target_mask[0]][:, source_mask[0]]
                 one.append(
                     Hypothesis(
                         text=self.tokenizer.decode(ids),
@@ -602,6 +620,7 @@ class TrainedModel:
                         attention=attention,
                         finished=ended,
                         alignment=hard,
+                        soft_alignment=soft,
                     )
                 )
             found.append(one)

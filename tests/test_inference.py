@@ -89,15 +89,20 @@ def test_same_inputs_same_answers_whatever_the_batch(dates):
 
 
 def test_nbest_comes_in_score_order_with_alignments(dates):
-    [result] = dates.translate(["3 March 1974"], beam_size=3, nbest=3, alignments=True)
+    [result] = dates.translate(["3 March 1974"], beam_size=3, nbest=3, alignment="hard")
     assert len(result.hypotheses) == 3
     scores = [h.score for h in result.hypotheses]
     assert scores == sorted(scores, reverse=True)
     assert len({h.text for h in result.hypotheses}) == 3
     for hypothesis in result.hypotheses:
         rows = len(hypothesis.tokens) - (1 if hypothesis.finished else 0)
-        assert [t for _, t in hypothesis.alignment] == list(range(rows))
-        assert all(0 <= s < len(result.source_tokens) for s, _ in hypothesis.alignment)
+        assert sorted(t for _, t in hypothesis.alignment) == list(range(rows))
+        assert hypothesis.alignment == sorted(hypothesis.alignment)  # Pharaoh order
+        # eos is never a link's source: indices count the 12 characters only.
+        assert all(0 <= s < len("3 March 1974") for s, _ in hypothesis.alignment)
+        assert hypothesis.soft_alignment is None
+    with pytest.raises(ValueError, match="alignment"):
+        dates.translate(["3 March 1974"], alignment="yes")
     with pytest.raises(ValueError, match="nbest"):
         dates.translate(["3 March 1974"], beam_size=2, nbest=3)
 

@@ -11,6 +11,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from attnx.data import tasks
+from attnx.interpret import alignment_output
 from attnx.models import MODELS, make_model_config, model_section, spec_of
 from attnx.training.config_overrides import model_config_dict
 
@@ -123,7 +124,9 @@ def base_config() -> ml_collections.ConfigDict:
         input=config_dict.placeholder(str),  # a file of one input a line, or '-' (stdin)
         beam_size=config_dict.placeholder(int),
         nbest=1,
-        alignments=False,
+        # 'hard' (Pharaoh i-j) or 'soft' (the weights): A-i lines for your inputs, and
+        # decode/alignments_step_N.{pharaoh,soft} for the evaluation split.
+        print_alignment=config_dict.placeholder(str),
         batch_size=config_dict.placeholder(int),
     )
     # --mode=interpret (attnx.training.interpret_mode): the examples it reads and
@@ -325,5 +328,6 @@ def _validate_decode(config: ml_collections.ConfigDict) -> None:
             f"config.decode.nbest={decode.nbest} is more than config.decode.beam_size="
             f"{decode.beam_size}: beam search keeps only that many hypotheses"
         )
+    alignment_output.check_kind(decode.get("print_alignment"))
     if decode.input is not None and not decode.input:
         raise ValueError("config.decode.input is empty; give a file, or - for standard input")

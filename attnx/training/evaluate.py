@@ -22,6 +22,7 @@ from jax.experimental import multihost_utils
 
 from attnx import decoding
 from attnx.data.tokenizers import Tokenizer
+from attnx.interpret import alignment_output
 from attnx.interpret.plots import plot_alignment
 from attnx.training import metrics as metrics_lib
 
@@ -93,6 +94,8 @@ def evaluate(
     sources_of: Callable[[int], str] | None = None,
     warn_unknown_characters: bool = False,
     pointing: Callable[[Mapping[str, jax.Array]], Any] | None = None,
+    alignments_path: str | None = None,
+    alignment_kind: str = "hard",
 ) -> tuple[dict[str, float], list[tuple[str, np.ndarray]]]:
     """Runs one evaluation pass; returns `({'eval/...': value}, [(name, picture), ...])`.
 
@@ -138,11 +141,16 @@ def evaluate(
         the decoded batches scored against the task's gold
         (`Run._pointing`); its totals give 'eval/pointing_accuracy' and
         'eval/attention_mass'.
+      alignments_path: if given, process 0 writes there one line per decoded
+        example, in the order of the predictions file: the best hypothesis's
+        alignment, `alignment_kind` 'hard' (Pharaoh) or 'soft'
+        (`attnx.interpret.alignment_output`).
 
     Raises:
       ValueError: `warn_unknown_characters` without `sources_of` for a text
         source, or sources to read from batches that carry no 'index'.
     """
+    alignment_output.check_kind(alignment_kind, key="alignment_kind")
     if warn_unknown_characters and sources_of is None and not captions:
         raise ValueError("evaluate: warn_unknown_characters=True needs sources_of.")
     # Only the chief process writes and logs; every process holds all rows (to_host).
@@ -155,6 +163,7 @@ def evaluate(
     references: list[list[str]] = []
     source_texts: list[str] = []
     scores: list[float] = []
+    alignment_lines: list[str] = []
     unknown_inputs = 0
     unknown_seen: dict[str, None] = {}  # distinct unknown characters, in order of appearance
     pictures = []
@@ -187,12 +196,19 @@ def evaluate(
                 "with_index=True)."
             )
         sources = None if captions else to_host(batch["inputs"])
+        batch_lines = (
+            alignment_output.lines(alignment_kind, alignments, sequences, sources)
+            if alignments_path is not None
+            else None
+        )
         for row in range(targets.shape[0]):
             if targets[row, 0] == 0 or decoded >= eval_config.max_examples:
                 continue  # an empty padding row, or enough examples
             hypothesis = tokenizer.decode(sequences[row])
             hypotheses.append(hypothesis)
             scores.append(float(best_scores[row]))
+            if batch_lines is not None:
+                alignment_lines.append(batch_lines[row])
             if references_of is not None and indices is not None:
                 references.append(references_of(int(indices[row])))
             else:
@@ -258,4 +274,7 @@ def evaluate(
                 )
             ),
         )
+    if alignments_path is not None and chief:
+        with open(alignments_path, "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in alignment_lines)
     return results, pictures

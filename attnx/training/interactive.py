@@ -19,11 +19,15 @@ the inputs from 0; fields are separated by tabs):
   S-i   SOURCE                the input line as read (a captioner: the path)
   H-i   SCORE   HYPOTHESIS    config.decode.nbest lines, best first; SCORE is
                               beam search's length-normalised log-prob
-  A-i   s-t s-t ...           with config.decode.alignments=True, after each H
-                              line: for every output token t but the final eos
-                              (0-based), the source position s it attends to
-                              most (source tokens with their eos last; for a
-                              captioner the grid cell, row-major)
+  A-i   s-t s-t ...           with config.decode.print_alignment=hard, after
+                              each H line, in Pharaoh order (by s, then t):
+                              for every output token t but the final eos
+                              (0-based), the source token s it attends to most
+                              (0-based, eos not counted; for a captioner the
+                              grid cell, row-major)
+  A-i   w,w,.. w,w,.. ...     with config.decode.print_alignment=soft: for
+                              every output token but eos, its weights over the
+                              source tokens (eos left out) or grid cells
 
 An empty line gets `S-i` and one `H-i` line with an empty score and
 hypothesis, with no model call. Logs and warnings go to standard error: a line
@@ -54,6 +58,7 @@ from absl import logging
 
 from attnx import inference
 from attnx.errors import RunError
+from attnx.interpret import alignment_output, alignments
 
 # What the input mode takes from the run's config, and a differing command line does not change.
 _RUN_KEYS = (
@@ -149,16 +154,20 @@ def _batches(lines: Iterator[tuple[int, str]], size: int) -> Iterator[list[tuple
         yield batch
 
 
-def format_result(index: int, result: inference.Result, *, alignments: bool) -> str:
-    """The output lines of input `index` (see the module docstring), each ending in a newline."""
+def format_result(index: int, result: inference.Result, *, alignment: str | None) -> str:
+    """The output lines of input `index` (see the module docstring), each ending in a newline.
+
+    `alignment` ('hard', 'soft' or None) must be what `result` was decoded with.
+    """
     lines = [f"S-{index}\t{result.source}"]
     if not result.hypotheses:
         lines.append(f"H-{index}\t\t")
     for hypothesis in result.hypotheses:
         lines.append(f"H-{index}\t{hypothesis.score:.6f}\t{hypothesis.text}")
-        if alignments:
-            pairs = " ".join(f"{s}-{t}" for s, t in hypothesis.alignment or ())
-            lines.append(f"A-{index}\t{pairs}")
+        if alignment == "hard":
+            lines.append(f"A-{index}\t{alignments.to_pharaoh(hypothesis.alignment)}")
+        elif alignment == "soft":
+            lines.append(f"A-{index}\t{alignment_output.format_soft(hypothesis.soft_alignment)}")
     return "".join(line + "\n" for line in lines)
 
 
@@ -208,12 +217,12 @@ def decode_inputs(
                 [text for _, text in batch],
                 beam_size=beam_size,
                 nbest=options.nbest,
-                alignments=options.alignments,
+                alignment=options.print_alignment,
                 batch_size=batch_size,
                 names=[f"line {number} of {where}" for number, _ in batch],
             )
             for result in results:
-                stdout.write(format_result(count, result, alignments=options.alignments))
+                stdout.write(format_result(count, result, alignment=options.print_alignment))
                 count += 1
             stdout.flush()  # A pipe or a terminal sees each batch as soon as it is decoded.
         logging.info(

@@ -37,7 +37,7 @@ from absl import logging
 from flax import nnx
 
 from attnx import decoding
-from attnx.interpret import alignments, html_page, rollout, score_figures
+from attnx.interpret import alignment_output, html_page, rollout, score_figures
 from attnx.interpret.pointing_totals import PointingTotals, map_name
 from attnx.training import gold, interpret_faithfulness, steps
 from attnx.training import interpret_views as views
@@ -124,15 +124,14 @@ def interpret_run(run: Run, step: int, out: str) -> dict[str, Any]:
             return_weights=True,
         )
         sequences = np.asarray(result.sequences)[:, 0]
-        attention = np.asarray(result.alignments)[:, 0]
-        target_mask = alignments.real_token_mask(sequences)
-        if run.captions:
-            source_mask = np.ones(attention.shape[::2], bool)  # every grid cell is real
-        else:
-            source_mask = alignments.real_token_mask(batch["inputs"])
-        links = alignments.argmax_links(attention, source_mask, target_mask)
+        lines = alignment_output.lines(
+            "hard",
+            np.asarray(result.alignments)[:, 0],
+            sequences,
+            None if run.captions else np.asarray(batch["inputs"]),
+        )
         for row, index in enumerate(batch["index"]):
-            pharaoh_lines.append(alignments.to_pharaoh(links[row]))
+            pharaoh_lines.append(lines[row])
             references = run.task.references(run.eval_source[int(index)])
             rows_written.append(
                 (run.source_text(int(index)), references[0], run.tokenizer.decode(sequences[row]))

@@ -10,7 +10,10 @@ only under `WORKDIR/<mode>/`, never into the training record:
   decode     beam-searches the whole evaluation split into
              `decode/predictions_step_N.tsv` (source, reference, hypothesis,
              score), warning about source characters outside the vocabulary;
-             its metrics go to `decode/metrics.jsonl`. With
+             with `--config.decode.print_alignment=hard|soft` also
+             `decode/alignments_step_N.pharaoh` (or `.soft`), a line per row
+             of the predictions (`attnx.interpret.alignment_output`); its
+             metrics go to `decode/metrics.jsonl`. With
              `--config.decode.input=FILE` (or `-`) it decodes your own inputs
              instead, printing hypotheses to stdout (`interactive.py`);
   visualize  plots the attention of `config.eval.num_plots` examples into
@@ -69,6 +72,17 @@ def read_run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict
                 )
             elif mode == "decode":
                 path = _fresh(os.path.join(out, f"predictions_step_{step}.tsv"))
+                kind = config.decode.get("print_alignment")
+                if kind is not None:
+                    suffix = "pharaoh" if kind == "hard" else "soft"
+                    options = {
+                        "alignments_path": _fresh(
+                            os.path.join(out, f"alignments_step_{step}.{suffix}")
+                        ),
+                        "alignment_kind": kind,
+                    }
+                else:
+                    options = {}
                 results = run.evaluate(
                     step,
                     writer,
@@ -76,8 +90,11 @@ def read_run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict
                     eval_config={"max_examples": 2**31 - 1, "num_plots": 0},
                     predictions_path=path,
                     warn_unknown_characters=True,
+                    **options,
                 )
                 logging.info("Wrote %s", path)
+                if options:
+                    logging.info("Wrote %s", options["alignments_path"])
             else:
                 plot_dir = _fresh(os.path.join(out, "plots", f"step_{step}"))
                 run.evaluate(

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 import attnx
+from attnx.interpret import alignment_output
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 EXPERIMENT = f"--config={ROOT}/experiments/dates_transformer.py:tiny"
@@ -124,13 +125,13 @@ def test_awkward_lines_of_a_file_with_nbest_and_alignments(trained, loaded, tmp_
         f"--config.decode.input={inputs}",
         "--config.decode.nbest=3",
         "--config.decode.beam_size=3",
-        "--config.decode.alignments=True",
+        "--config.decode.print_alignment=hard",
     )
     out = parse(result.stdout)
     assert [out[i]["S"] for i in range(4)] == [[line] for line in lines]
     # The empty line: one empty hypothesis, no score, no alignment.
     assert out[1]["H"] == [(None, "")] and out[1]["A"] == []
-    api = loaded.translate(lines, nbest=3, beam_size=3, alignments=True)
+    api = loaded.translate(lines, nbest=3, beam_size=3, alignment="hard")
     for i in (0, 2, 3):
         assert len(out[i]["H"]) == 3 and len(out[i]["A"]) == 3
         scores = [score for score, _ in out[i]["H"]]
@@ -140,13 +141,61 @@ def test_awkward_lines_of_a_file_with_nbest_and_alignments(trained, loaded, tmp_
         for pairs, hypothesis in zip(out[i]["A"], api[i].hypotheses, strict=True):
             printed = [tuple(map(int, pair.split("-"))) for pair in pairs.split()]
             assert printed == hypothesis.alignment
-            assert all(0 <= s < len(api[i].source_tokens) for s, _ in printed)
+            # Source indices count the tokens without eos, as alignments.pharaoh does.
+            assert all(0 <= s < len(api[i].source_tokens) - 1 for s, _ in printed)
     # Warnings on stderr name the line; nothing on stdout but results.
     warnings = [line for line in result.stderr.splitlines() if "inputs.txt" in line]
     assert any(f"line 3 of {inputs}" in w and "'☃' (U+2603)" in w for w in warnings)
     assert any(f"line 4 of {inputs}" in w and "max_source_length=40" in w for w in warnings)
     assert api[3].truncated and len(api[3].source_tokens) == 40
     assert api[2].unknown_characters == ["Z", "☃"]
+
+
+def test_soft_alignment_lines_are_the_weights_of_the_hard_ones(trained, loaded):
+    # One decode per kind: the soft line's argmax per target token is the hard line's link.
+    hard = parse(
+        decode(
+            trained,
+            "--config.decode.input=-",
+            "--config.decode.print_alignment=hard",
+            stdin="".join(d + "\n" for d in DATES),
+        ).stdout
+    )
+    soft = parse(
+        decode(
+            trained,
+            "--config.decode.input=-",
+            "--config.decode.print_alignment=soft",
+            stdin="".join(d + "\n" for d in DATES),
+        ).stdout
+    )
+    api = loaded.translate(DATES, alignment="soft")
+    for i, date in enumerate(DATES):
+        [hypothesis] = api[i].hypotheses
+        [line] = soft[i]["A"]
+        weights = alignment_output.parse_soft(line)
+        real_targets = len(hypothesis.tokens) - (1 if hypothesis.finished else 0)
+        assert weights.shape == (real_targets, len(date))  # eos row and column left out
+        np.testing.assert_allclose(weights, hypothesis.soft_alignment, atol=1e-4)
+        full = hypothesis.attention[:real_targets]  # with the eos column
+        np.testing.assert_allclose(weights, full[:, : len(date)], atol=1e-4)
+        assert np.all(weights.sum(axis=1) <= 1 + 1e-3)
+        [pairs] = hard[i]["A"]
+        links = [tuple(map(int, p.split("-"))) for p in pairs.split()]
+        assert sorted(t for _, t in links) == list(range(real_targets))
+        for source, target in links:  # a most attended real source token (ties: 1e-6)
+            assert full[target, source] >= full[target, : len(date)].max() - 1e-6
+
+
+def test_print_alignment_of_another_kind_is_one_fatal_line(trained):
+    result = decode(
+        trained,
+        "--config.decode.input=-",
+        "--config.decode.print_alignment=yes",
+        stdin="3 March 1974\n",
+        ok=False,
+    )
+    _one_fatal_line(result, "config.decode.print_alignment", "'yes'")
 
 
 def _one_fatal_line(result, *needles: str) -> None:

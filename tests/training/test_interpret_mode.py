@@ -17,6 +17,8 @@ import sys
 
 import pytest
 
+from attnx.interpret import alignment_output
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 EXAMPLES = 48
 
@@ -123,3 +125,32 @@ def test_digits_report_scores_the_spatial_attention_against_the_boxes(digits_rep
     assert best["map"] == "layer_0/head_0" and best["count"] >= 2 * EXAMPLES
     assert (digits_report / "figures" / "example_0_spatial.png").is_file()
     assert (digits_report / "figures" / "example_0_spatial.svg").is_file()
+
+
+def test_decode_prints_the_alignments_the_report_wrote(dates_report):
+    # --mode=decode over the same split, hard then soft: its lines for the examples
+    # the report read are the report's alignments.pharaoh, and soft's argmax is hard.
+    workdir = dates_report.parent
+    common = (
+        "--config=experiments/dates_rnn.py:tiny",
+        f"--workdir={workdir}",
+        "--mode=decode",
+    )
+    attnx_main(*common, "--config.decode.print_alignment=hard")
+    attnx_main(*common, "--config.decode.print_alignment=soft")
+    decoded = workdir / "decode"
+    hard = (decoded / "alignments_step_20.pharaoh").read_text().splitlines()
+    soft = (decoded / "alignments_step_20.soft").read_text().splitlines()
+    predictions = (decoded / "predictions_step_20.tsv").read_text().splitlines()
+    assert len(hard) == len(soft) == len(predictions) - 1 > EXAMPLES
+    assert hard[:EXAMPLES] == (dates_report / "alignments.pharaoh").read_text().splitlines()
+    for hard_line, soft_line in zip(hard, soft, strict=True):
+        weights = alignment_output.parse_soft(soft_line)
+        links = [tuple(map(int, link.split("-"))) for link in hard_line.split()]
+        # One link per target token, to a most attended source token (the soft
+        # weights are rounded to 4 decimals: near-ties compare within that).
+        assert sorted(t for _, t in links) == list(range(weights.shape[0]))
+        for source, target in links:
+            assert weights[target, source] >= weights[target].max() - 1e-4
+    # The second decode moved the first one's predictions aside, never over them.
+    assert len(list(decoded.glob("predictions_step_20.tsv*"))) == 2

@@ -13,7 +13,7 @@ for single-head mechanisms), with the positions of its queries and keys and
 the boolean mask the model used over them. A `Trace` holds the records of one
 example (or hypothesis), looked up by kind and layer.
 
-Kinds (from the keys of the models' weights dicts; `attnx.decoding.attention_kind`):
+Kinds (from the keys of the models' weights dicts; `attnx.decoding_traces.attention_kind`):
 
   'encoder/layer_{i}/self_attention'   'encoder-self'  layer i  (Transformer)
   'decoder/layer_{i}/self_attention'   'decoder-self'  layer i  (Transformer)

@@ -27,6 +27,10 @@ Array = jax.Array
 ATTENTION_KINDS = ("encoder-self", "decoder-self", "cross", "multi-step", "spatial", "global")
 
 # Weights-dict keys of the attnx models -> record kind (the layer is the number in the key).
+# Extras that a map's recorded mask is computed from (`attnx.interpret.traces`):
+# Luong local-p's predicted window centres p_t, `[b, t]`. A few bytes a step.
+MASK_EXTRAS = ("decoder/attention_center",)
+
 _KEY_KINDS = (
     (re.compile(r"encoder/layer_(\d+)/self_attention"), "encoder-self"),
     (re.compile(r"decoder/layer_(\d+)/self_attention"), "decoder-self"),
@@ -130,7 +134,9 @@ def select_weights(
         found = attention_kind(key, model)
         if found is None:
             # Extras are `[b, t, ...]` (t = 1 at a step); anything else has no query axis to trace.
-            if selection.extras and value.ndim >= 2 and (not step or value.shape[1] == 1):
+            # A map's mask may need one (local-p's centres): those come whenever maps do.
+            wanted = selection.extras or key in MASK_EXTRAS
+            if wanted and value.ndim >= 2 and (not step or value.shape[1] == 1):
                 selected[key] = {"weights": value[:, 0] if step else value}
             continue
         if not selection.selects(*found):

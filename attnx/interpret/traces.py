@@ -37,9 +37,9 @@ buffer's keys 0..k). Padding is never recorded: it is the key positions left
 out. The mask is the rest of what the model masked, over the recorded
 positions: causal for decoder self-attention, the local window (the
 Transformer's `local_m` self-attention: |i - j| <= D in the encoder, the D
-positions before in the decoder; Luong's local-m: |s - t| <= D). Luong's
-local-p window is centred on a predicted p_t that the model does not return:
-its recorded mask is all True (the window shows as the weights' support).
+positions before in the decoder; Luong's local-m: |s - t| <= D; local-p:
+|s - p_t| <= D around the predicted centre p_t, which the model returns as
+'decoder/attention_center' and a trace keeps among its extras).
 
 Selection and memory (`TraceSelection(layers, kinds, heads, top_k)`). The
 selection is applied inside the compiled function: unselected maps never
@@ -256,8 +256,18 @@ def _teacher_forced(graphdef, state, src, tgt_in, selection: TraceSelection):
 # -- host side: arrays -> records -------------------------------------------------
 
 
-def _mask(model: Any, name: str, kind: str, queries: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """What the model allowed, over recorded positions `[queries, keys]` (padding left out)."""
+def _mask(
+    model: Any,
+    name: str,
+    kind: str,
+    queries: np.ndarray,
+    keys: np.ndarray,
+    centers: np.ndarray | None = None,
+) -> np.ndarray:
+    """What the model allowed, over recorded positions `[queries, keys]` (padding left out).
+
+    `centers`: local-p's predicted window centres p_t, one per query position.
+    """
     offset = keys[None, :] - queries[:, None]
     allowed = np.ones(offset.shape, bool)
     if kind == "decoder-self":
@@ -271,7 +281,11 @@ def _mask(model: Any, name: str, kind: str, queries: np.ndarray, keys: np.ndarra
     elif kind == "decoder-self":
         allowed &= offset >= -window
     elif name == "decoder/attention" and mechanism.local == "local_m":
-        allowed &= np.abs(offset) <= window  # p_t = t; local-p's p_t is not returned
+        allowed &= np.abs(offset) <= window  # p_t = t
+    elif name == "decoder/attention" and mechanism.local == "local_p" and centers is not None:
+        # The layer's own test, in float32: |s - p_t| <= D.
+        distance = keys[None, :].astype(np.float32) - centers[queries][:, None].astype(np.float32)
+        allowed &= np.abs(distance) <= window
     return allowed
 
 
@@ -290,6 +304,7 @@ def _record(
     source_positions: np.ndarray,
     length: int,
     queries_first: bool,
+    centers: np.ndarray | None = None,
 ) -> AttentionRecord:
     """A record from one example's (or hypothesis's) selected arrays.
 
@@ -309,7 +324,7 @@ def _record(
         queries = keys = np.arange(length)
     else:
         queries, keys = np.arange(length), source_positions
-    mask = _mask(model, name, kind, queries, keys)
+    mask = _mask(model, name, kind, queries, keys, centers)
     weights = weights[..., queries, :]
     if indices is None:
         weights = weights[..., keys]
@@ -350,14 +365,21 @@ def _trace(
     queries_first: bool,
 ) -> Trace:
     """A Trace from one example's arrays: `maps` by weights-dict key (encoder ones included)."""
-    records, extras = [], {}
+    extras = {
+        name: np.asarray(entry["weights"][:length])
+        for name, entry in maps.items()
+        if attention_kind(name, model) is None
+    }
+    centers = extras.get("decoder/attention_center")
+    records = []
     for name, entry in maps.items():
-        if attention_kind(name, model) is None:
-            extras[name] = np.asarray(entry["weights"][:length])
+        if name in extras:
             continue
         keys = entry["weights"].shape[-1]
         positions = _source_positions(src, keys)
-        records.append(_record(model, selection, name, entry, positions, length, queries_first))
+        records.append(
+            _record(model, selection, name, entry, positions, length, queries_first, centers)
+        )
     records.sort(key=lambda r: (ATTENTION_KINDS.index(r.kind), r.layer, r.name))
     return Trace(tuple(records), extras)
 

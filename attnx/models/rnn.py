@@ -24,7 +24,10 @@ Interface (shared by the attnx seq2seq models, see attnx.decoding):
 `[batch, T, tgt_vocab]` (+ weights); `__call__`; `init_cache(encoded,
 max_length)`; `decode_step(tokens)`. The weights dict holds
 'decoder/attention' and 'alignment', both the decoder's single attention
-`[batch, T, src_length]` (alpha_ij / a_t(s)).
+`[batch, T, src_length]` (alpha_ij / a_t(s)), and with Luong's local-p
+attention 'decoder/attention_center' `[batch, T]`, the predicted centre p_t
+of each step's window (not a map: a trace keeps it as an extra and records
+the window |s - p_t| <= D as the map's mask).
 """
 
 import jax
@@ -34,7 +37,7 @@ from flax import nnx, struct
 from attnx.layers.attention_memory import AttentionMemory
 from attnx.models.checks import check_at_least, check_tokens
 from attnx.models.rnn_config import RNNConfig, luong_4layer, rnnsearch50, tiny
-from attnx.models.rnn_decoders import BahdanauDecoder, DecoderState, LuongDecoder
+from attnx.models.rnn_decoders import ATTENTION, BahdanauDecoder, DecoderState, LuongDecoder
 from attnx.models.rnn_encoder import RNNEncoder
 
 # The config and presets are re-exported so that `attnx.models.rnn` is the one import users need.
@@ -111,10 +114,10 @@ class RNNEncoderDecoder(nnx.Module):
         """
         tgt_in = check_tokens("RNNEncoderDecoder.decode", tgt_in, batch=encoded.mask.shape[0])
         memory = self.decoder.prepare_memory(encoded.annotations, encoded.mask)  # hoisted
-        logits, alignment = self.decoder.decode(tgt_in, memory, encoded.state, train=train)
+        logits, entries = self.decoder.decode(tgt_in, memory, encoded.state, train=train)
         if not return_weights:
             return logits
-        return logits, {"decoder/attention": alignment, "alignment": alignment}
+        return logits, {**entries, "alignment": entries[ATTENTION]}
 
     def __call__(
         self, src: Array, tgt_in: Array, *, train: bool = False, return_weights: bool = False
@@ -166,11 +169,11 @@ class RNNEncoderDecoder(nnx.Module):
         memory = AttentionMemory(keys, keys, self.cache_mask[...], projected)
         state = {name: variable[...] for name, variable in self.cache_state.items()}
         step = self.cache_step[...]
-        logits, alignment, new_state = self.decoder.step(tokens[:, 0], memory, state, step)
+        logits, entries, new_state = self.decoder.step(tokens[:, 0], memory, state, step)
         for name, value in new_state.items():
             self.cache_state[name][...] = value
         self.cache_step[...] = step + 1
         if not return_weights:
             return logits
-        alignment = alignment[:, None]
-        return logits, {"decoder/attention": alignment, "alignment": alignment}
+        entries = {name: value[:, None] for name, value in entries.items()}  # T = 1
+        return logits, {**entries, "alignment": entries[ATTENTION]}

@@ -38,6 +38,11 @@ DecoderState = dict[str, Array]
 _dense_init = nnx.initializers.lecun_normal()
 _zeros = nnx.initializers.zeros_init()
 STATE_NAMES = ("hidden", "cell")
+# The decoders' attention entries (keys of the models' weights dicts): a_t
+# `[batch, (T,) src_length]`, and local-p's predicted centre p_t `[batch, (T,)]`.
+ATTENTION = "decoder/attention"
+ATTENTION_CENTER = "decoder/attention_center"
+AttentionEntries = dict[str, Array]
 
 
 def stack_states(states: list[CellState]) -> DecoderState:
@@ -185,8 +190,8 @@ class BahdanauDecoder(_Decoder):
 
     def decode(
         self, tgt_in: Array, memory: AttentionMemory, state: DecoderState, *, train: bool = False
-    ) -> tuple[Array, Array]:
-        """Teacher forcing. Returns logits `[batch, T, vocab]` and alignment `[batch, T, src_length]`."""
+    ) -> tuple[Array, AttentionEntries]:
+        """Teacher forcing. Returns logits `[batch, T, vocab]` and the attention entries (`[batch, T, ...]`)."""
         embedded = self._embed(tgt_in)
         projected = self.cell.project_inputs(embedded)  # hoisted: W E y_{i-1} + b for all i
 
@@ -198,19 +203,23 @@ class BahdanauDecoder(_Decoder):
         queries, contexts, alphas = (jnp.swapaxes(x, 0, 1) for x in outputs)
         # The deep output does not feed back into the recurrence: all steps at once.
         logits = self._readout(queries, embedded, contexts, self._dropout_key(train))
-        return logits, alphas
+        return logits, {ATTENTION: alphas}
 
     def step(
         self, tokens: Array, memory: AttentionMemory, state: DecoderState, step: Array
-    ) -> tuple[Array, Array, DecoderState]:
-        """One step from y_{i-1} `[batch]`: logits `[batch, vocab]`, alpha_i `[batch, src_length]`, s_i."""
+    ) -> tuple[Array, AttentionEntries, DecoderState]:
+        """One step from y_{i-1} `[batch]`: logits `[batch, vocab]`, {ATTENTION: alpha_i `[batch, src_length]`}, s_i."""
         del step  # the additive attention does not depend on the position
         embedded = self._embed(tokens)
         (current,) = unstack_states(state, 1)
         new, (query, context, alpha) = self._step(
             current, self.cell.project_inputs(embedded), memory
         )
-        return self._readout(query, embedded, context, None), alpha, stack_states([new])
+        return (
+            self._readout(query, embedded, context, None),
+            {ATTENTION: alpha},
+            stack_states([new]),
+        )
 
 
 class LuongDecoder(_Decoder):
@@ -301,14 +310,25 @@ class LuongDecoder(_Decoder):
 
     def _attend(
         self, hidden: Array, memory: AttentionMemory, t: Array | int, key: Array | None
-    ) -> tuple[Array, Array]:
-        """h_t (`[batch, n]` or `[batch, T, n]` from step t) -> (h~_t, a_t)."""
-        if not self.config.mechanism.is_local:
+    ) -> tuple[Array, dict[str, Array]]:
+        """h_t (`[batch, n]` or `[batch, T, n]` from step t) -> (h~_t, attention entries).
+
+        The entries: a_t under `ATTENTION`, and for local-p the predicted
+        centre p_t (`[batch]` or `[batch, T]`) under `ATTENTION_CENTER`: the
+        window |s - p_t| <= D is the mask a_t was computed under, which a
+        trace records (p_t is a function of h_t alone; XLA drops it from
+        steps that do not use it, e.g. training).
+        """
+        mechanism = self.config.mechanism
+        if not mechanism.is_local:
             context, alpha = self.attention(hidden, memory, return_weights=True)
         else:
             context, alpha = self.attention(hidden, memory, step=t, return_weights=True)
+        entries = {ATTENTION: alpha}
+        if mechanism.local == "local_p":
+            entries[ATTENTION_CENTER] = self.attention.positions(hidden, memory, step=t)
         attentional = self.attention.attentional_hidden(context, hidden)
-        return dropout(attentional, self.config.dropout_rate, key), alpha
+        return dropout(attentional, self.config.dropout_rate, key), entries
 
     def _layers_step(
         self, states: list[CellState], projected: Array, feed: Array | None, key: Array | None
@@ -328,8 +348,8 @@ class LuongDecoder(_Decoder):
 
     def decode(
         self, tgt_in: Array, memory: AttentionMemory, state: DecoderState, *, train: bool = False
-    ) -> tuple[Array, Array]:
-        """Teacher forcing. Returns logits `[batch, T, vocab]` and alignment `[batch, T, src_length]`."""
+    ) -> tuple[Array, AttentionEntries]:
+        """Teacher forcing. Returns logits `[batch, T, vocab]` and the attention entries (`[batch, T, ...]`)."""
         cfg = self.config
         embedded = self._embed(tgt_in)
         initial = unstack_states(state, cfg.decoder_layers)
@@ -340,8 +360,8 @@ class LuongDecoder(_Decoder):
                 if index > 0 and key is not None:
                     x = dropout(x, cfg.dropout_rate, jax.random.fold_in(key, index))
                 (x,), _ = scan_cells([cell], [cell.project_inputs(x)], [initial[index]])
-            attentional, alphas = self._attend(x, memory, 0, key)
-            return self._logits(attentional), alphas
+            attentional, entries = self._attend(x, memory, 0, key)
+            return self._logits(attentional), entries
 
         steps = tgt_in.shape[1]
         projected = self.cells[0].project_inputs(embedded)  # hoisted: layer 0's W E y + b
@@ -352,28 +372,29 @@ class LuongDecoder(_Decoder):
             projected_t, t, key_t = inputs
             states = self._layers_step(states, projected_t, feed, key_t)
             output_key = None if key_t is None else jax.random.fold_in(key_t, 0)
-            attentional, alpha = self._attend(states[-1][0], memory, t, output_key)
-            return (states, attentional), (attentional, alpha)
+            attentional, entries = self._attend(states[-1][0], memory, t, output_key)
+            return (states, attentional), (attentional, entries)
 
-        _, (attentionals, alphas) = jax.lax.scan(
+        _, (attentionals, entries) = jax.lax.scan(
             body,
             (initial, state["feed"]),
             (jnp.swapaxes(projected, 0, 1), jnp.arange(steps), keys),
         )
-        attentionals, alphas = jnp.swapaxes(attentionals, 0, 1), jnp.swapaxes(alphas, 0, 1)
-        return self._logits(attentionals), alphas  # softmax layer hoisted out of the loop
+        attentionals = jnp.swapaxes(attentionals, 0, 1)
+        entries = {name: jnp.swapaxes(value, 0, 1) for name, value in entries.items()}
+        return self._logits(attentionals), entries  # softmax layer hoisted out of the loop
 
     def step(
         self, tokens: Array, memory: AttentionMemory, state: DecoderState, step: Array
-    ) -> tuple[Array, Array, DecoderState]:
-        """One step from y_{t-1} `[batch]` at target position `step`: logits, a_t, new state."""
+    ) -> tuple[Array, AttentionEntries, DecoderState]:
+        """One step from y_{t-1} `[batch]` at target position `step`: logits, entries (a_t, p_t), new state."""
         cfg = self.config
         projected = self.cells[0].project_inputs(self._embed(tokens))
         states = self._layers_step(
             unstack_states(state, cfg.decoder_layers), projected, state.get("feed"), None
         )
-        attentional, alpha = self._attend(states[-1][0], memory, step, None)
+        attentional, entries = self._attend(states[-1][0], memory, step, None)
         new_state = stack_states(states)
         if cfg.input_feeding:
             new_state["feed"] = attentional
-        return self._logits(attentional), alpha, new_state
+        return self._logits(attentional), entries, new_state

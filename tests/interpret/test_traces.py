@@ -157,6 +157,23 @@ def test_local_windows_are_the_recorded_masks(section, windowed):
             )
 
 
+def test_local_p_records_the_window_around_its_predicted_centre(models):
+    model = models("rnn-luong-local_p")
+    tgt_in = np.array([[BOS, 4, 5, 6, 7], [BOS, 7, 8, 0, 0]], np.int32)
+    for row, trace in enumerate(traces.trace_teacher_forced(model, SRC, tgt_in)):
+        record = trace["decoder/attention"]
+        centers = trace.extras["decoder/attention_center"]
+        real = int(np.sum(SRC[row] != 0))
+        assert centers.shape == (len(record.query_positions),)
+        assert np.all((centers >= 0) & (centers <= real))  # p_t = S sigmoid(...), eq. 9
+        distance = np.abs(record.key_positions[None, :] - centers[:, None])
+        np.testing.assert_array_equal(record.mask, distance <= 1)  # window D = 1
+        # A window of 2D + 1 = 3 at most: the mask is not the whole source...
+        assert record.mask.sum(axis=1).max() <= 3 < len(record.key_positions) or real <= 3
+        # ...and it is exactly where the (softmax x Gaussian) weights are non-zero.
+        np.testing.assert_array_equal(record.weights > 0, record.mask)
+
+
 def test_transformer_records_have_kinds_positions_and_masks(models):
     model = models("transformer")
     # Shaped as the reruns of the beam search test ([4, MAX_LENGTH]): compiled once.

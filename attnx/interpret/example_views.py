@@ -22,30 +22,21 @@ the targets shifted by one).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from attnx.decoding_traces import attention_kind
 from attnx.interpret.html_page import AttentionMap
-
-_KEYS = (
-    (re.compile(r"encoder/layer_(\d+)/self_attention"), "encoder-self"),
-    (re.compile(r"decoder/layer_(\d+)/self_attention"), "decoder-self"),
-    (re.compile(r"decoder/layer_(\d+)/cross_attention"), "cross"),
-    (re.compile(r"decoder/layer_(\d+)/attention"), "multi-step"),
-    (re.compile(r"decoder/attention"), "global"),
-    (re.compile(r"decoder/spatial_attention"), "spatial"),
-)
 
 
 def kind_of(key: str) -> tuple[str, int] | None:
-    """(kind, layer) of a weights-dict key, None for entries that are not maps."""
-    for pattern, kind in _KEYS:
-        match = pattern.fullmatch(key)
-        if match:
-            return kind, int(match.group(1)) if match.groups() else 0
-    return None
+    """(kind, layer) of a weights-dict key, None for entries that are not maps.
+
+    The trace records' own table (`attnx.decoding_traces.attention_kind`),
+    without a model: the RNN's one attention is 'global'.
+    """
+    return attention_kind(key)
 
 
 def example_maps(

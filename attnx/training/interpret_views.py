@@ -100,6 +100,23 @@ def page_example(
     )
 
 
+def hypothesis_boxes(
+    gold: Sequence[Sequence[int]], tokens: Sequence[str], reference: str
+) -> list[Sequence[int] | None]:
+    """One gold box per hypothesis token, or None where the token has none.
+
+    `gold[i]` is the box of the reference's i-th character (a `digit_captions`
+    digit). The maps are the hypothesis's, which may miss, add or change a
+    digit: token i gets box i only where it is the reference's i-th character;
+    a wrong token, one past the reference and the closing '</s>' get none
+    (a box there would mark a digit the model did not name).
+    """
+    return [
+        gold[i] if i < min(len(gold), len(reference)) and token == reference[i] else None
+        for i, token in enumerate(tokens)
+    ]
+
+
 def _draw(
     run: Any,
     maps: list[AttentionMap],
@@ -120,7 +137,9 @@ def _draw(
             spatial.query_labels,
             (side, side),
             f"{stem}_spatial",
-            boxes=None if boxes is None else list(boxes),
+            boxes=None
+            if boxes is None
+            else hypothesis_boxes(boxes, spatial.query_labels, texts[1]),
             title=f"{texts[1]} -> {texts[2]}",
         )
     else:

@@ -35,8 +35,11 @@ CPU smoke run (the real data pipeline, width 16, a 1,000-piece vocabulary,
 Expected: paper: 26.75 BLEU on newstest2014 (Table 1, RNNsearch-50, all
 sentences; 34.16 on sentences without unknown words; 28.45 for the longer
 trained RNNsearch-50*). The run evaluates on newstest2013
-(`task.eval_split='validation'`); pass `--config.task.eval_split=test` to
-score newstest2014. attnx's `eval/bleu` is sacrebleu on detokenised text.
+(`task.eval_split='validation'`) and, at its end, scores newstest2014 once
+with the checkpoint of the best validation BLEU (`test/bleu`). The paper's
+BLEU is multi-bleu.perl on tokenised text; `eval/bleu` is sacreBLEU (13a),
+whose tokens match Moses' up to apostrophes and escapes, with `eval/chrf`
+beside it.
 """
 
 import ml_collections

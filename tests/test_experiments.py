@@ -32,6 +32,7 @@ PAPER = {
     "wmt14_transformer_big.py",
     "wmt14_convs2s.py",
     "wmt14_rnnsearch.py",
+    "wmt14_luong.py",
     "coco_spatial.py",
 }
 # The fields a sweep or a launch script may rely on in every experiment.
@@ -213,6 +214,29 @@ def test_rnnsearch_paper_numbers():
     assert (config.task.source_key, config.task.target_key) == ("en", "fr")
     assert (config.train.optimizer, config.train.eps, config.train.rho) == ("adadelta", 1e-6, 0.95)
     assert (config.train.batch_size, config.eval.beam_size) == (80, 12)
+
+
+def test_luong_paper_numbers():
+    config = load("wmt14_luong.py").get_config()
+    built = model_config(config)
+    # Sec. 4.1: 4 stacked LSTM layers of 1000 cells, embeddings 1000, dropout 0.2, the
+    # source reversed; local-p attention with the general score, D = 10, input feeding.
+    assert (built.cell, built.encoder_layers, built.decoder_layers) == ("lstm", 4, 4)
+    assert (built.hidden_dim, built.embed_dim, built.dropout_rate) == (1000, 1000, 0.2)
+    assert built.reverse_source and built.input_feeding and not built.bidirectional
+    assert (built.variant, built.mechanism.score) == ("luong", "general")
+    assert (built.mechanism.local, built.mechanism.window) == ("local_p", 10)
+    assert built.src_vocab_size == built.tgt_vocab_size == 50000
+    train = config.train
+    assert (train.optimizer, train.momentum, train.learning_rate) == ("sgd", 0.0, 1.0)
+    assert (train.clip_grad_norm, train.batch_size, train.plateau_factor) == (5.0, 128, 0.5)
+    assert config.task.dataset == "wmt14_translate/de-en"
+
+
+def test_tokenized_bleu_where_the_paper_used_compound_splitting():
+    for name in EXPERIMENTS:
+        expected = name.startswith("wmt14_transformer")  # Vaswani et al.'s En-De scores
+        assert bool(load(name).get_config().eval.tokenized_bleu) == expected, name
 
 
 def test_captioner_settings():

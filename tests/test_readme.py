@@ -94,5 +94,7 @@ def test_a_new_architecture_trains_through_the_entry_point(tmp_path, dates_data_
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
-    assert rows[-1]["step"] == 20 and "eval/exact_match" in rows[-1]
-    assert np.isfinite(rows[-1]["eval/loss"])
+    # The last step's rows: validation, then the best checkpoint on the test split.
+    last = {key: value for row in rows if row["step"] == 20 for key, value in row.items()}
+    assert "eval/exact_match" in last and np.isfinite(last["eval/loss"])
+    assert "test/exact_match" in last and last["test/checkpoint_step"] in (10, 20)

@@ -14,6 +14,7 @@ from attnx.data import tasks
 from attnx.interpret import alignment_output
 from attnx.models import MODELS, make_model_config, model_section, spec_of
 from attnx.training.config_overrides import model_config_dict
+from attnx.training.metrics import BLEU_TOKENIZERS
 
 # config.task keys that say which record fields a TFDS task reads.
 TASK_KEYS = tasks.TASK_KEYS
@@ -116,6 +117,13 @@ def base_config() -> ml_collections.ConfigDict:
         num_plots=4,
         # sacrebleu tokenizer: '13a' (WMT), 'intl', 'zh', 'char' (digit strings), 'none'.
         bleu_tokenize="13a",
+        # Also eval/tokenized_bleu: BLEU on tokenised text with compound splitting, as
+        # papers before sacreBLEU reported it (attnx.training.string_metrics.tokenized_bleu).
+        tokenized_bleu=False,
+        # The split --mode=eval, decode and visualize read (default task.eval_split);
+        # metrics of another split are named after it (test/bleu). Training evaluates
+        # on task.eval_split, and the best checkpoint once on 'test' at its end.
+        split=config_dict.placeholder(str),
     )
     c.mesh = dict(data=-1, fsdp=1, tensor=1, rules=())
     # --mode=decode on your own inputs (attnx.training.interactive); beam_size and
@@ -129,6 +137,9 @@ def base_config() -> ml_collections.ConfigDict:
         print_alignment=config_dict.placeholder(str),
         batch_size=config_dict.placeholder(int),
     )
+    # --mode=compile (attnx.training.compile_mode): the TPU topology to compile for
+    # without a TPU (e.g. 'v5e:4x4', 'v4:2x2x2'), and which steps.
+    c.compile = dict(topology=config_dict.placeholder(str), steps="train,eval,decode")
     # --mode=interpret (attnx.training.interpret_mode): the examples it reads and
     # scores, and the metric that ranks the (layer, head) maps against gold.
     c.interpret = dict(
@@ -233,8 +244,12 @@ def check_model(config: ml_collections.ConfigDict, task: tasks.Task) -> None:
     )
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError naming the first bad key; cheap (no data, no compilation)."""
+def validate(config: ml_collections.ConfigDict, device_count: int | None = None) -> None:
+    """Raises ValueError naming the first bad key; cheap (no data, no compilation).
+
+    `device_count` is the number of devices the mesh must cover: default
+    `jax.device_count()`; `--mode=compile` gives its topology's.
+    """
     for section in ("task", "model", "train", "checkpoint", "eval", "mesh"):
         if section not in config:
             raise ValueError(f"config.{section} is missing (start from base_config())")
@@ -271,6 +286,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.train.baseline_decay must be in [0, 1), got {config.train.baseline_decay!r}"
         )
     _choice("eval.length_penalty", config.eval.length_penalty, ("gnmt", "power"))
+    _choice("eval.bleu_tokenize", config.eval.bleu_tokenize, BLEU_TOKENIZERS)
+    if config.eval.get("split") is not None and not config.eval.split.strip():
+        raise ValueError("config.eval.split is empty; name a split (e.g. 'test') or leave it unset")
     if "interpret" in config:
         _choice(
             "interpret.head_metric",
@@ -295,7 +313,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.task.packing=True: the {config.model.name} takes one sequence per row; "
             f"packed rows need model.name in {packers}"
         )
-    devices = jax.device_count()
+    devices = jax.device_count() if device_count is None else device_count
     sizes = {axis: config.mesh[axis] for axis in ("data", "fsdp", "tensor")}
     fixed = 1
     for axis, size in sizes.items():

@@ -1,8 +1,12 @@
 """Evaluation: teacher-forced metrics, then beam search and the metrics of its output.
 
-Exact match and BLEU are computed from beam-search output (never from teacher
-forcing), on detokenised strings; BLEU with sacrebleu (`metrics.corpus_bleu`),
-BLEU-1..4 for captions. The alignments that beam search carries for its best
+The scores of beam-search output (never of teacher forcing) are computed on
+detokenised strings by `text_scores`: exact match, chrF and BLEU with
+sacrebleu (BLEU-1..4 for captions), and a character-level score: the
+character error rate of a translation, the per-position accuracy of a
+caption of one word (`digit_accuracy` for digit strings). A BLEU order that
+the references do not have is left out, not reported as 0 (`bleu_left_out`).
+The alignments that beam search carries for its best
 hypotheses are plotted for the first `config.eval.num_plots` examples.
 Optionally, every decoded example goes to a predictions TSV (source,
 reference, hypothesis, score), and inputs with characters the vocabulary
@@ -11,7 +15,7 @@ cannot represent are reported.
 
 import csv
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -25,6 +29,7 @@ from attnx.data.tokenizers import Tokenizer
 from attnx.interpret import alignment_output
 from attnx.interpret.plots import plot_alignment
 from attnx.training import metrics as metrics_lib
+from attnx.training import string_metrics
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -78,6 +83,119 @@ def _write_predictions(path: str, rows: Iterable[tuple[str, str, str, str]]) -> 
             (quoted if any("\r" in field for field in row) else writer).writerow(row)
 
 
+# BLEU metrics whose leaving out has been logged (once per process, not at every evaluation).
+_LEFT_OUT_LOGGED: set[str] = set()
+
+
+def bleu_left_out(
+    references: Sequence[Sequence[str]], *, captions: bool, tokenize: str
+) -> dict[str, str]:
+    """{metric name: why} of the BLEU metrics that `references` cannot support.
+
+    BLEU-n (a translation's 'bleu' is BLEU-4; a caption's 'bleu1'..'bleu4')
+    is left out when fewer than `string_metrics.MIN_BLEU_COVERAGE` of the
+    references have n tokens or more as sacrebleu's `tokenize` splits them:
+    with single-word targets its n-gram precisions have nothing to count and
+    corpus BLEU reads 0 beside a perfect exact match.
+    """
+    orders = {f"bleu{n}": n for n in range(1, 5)} if captions else {"bleu": 4}
+    left_out = {}
+    for name, order in orders.items():
+        share = string_metrics.bleu_coverage(references, tokenize, order)
+        if share < string_metrics.MIN_BLEU_COVERAGE:
+            left_out[name] = (
+                f"{share:.0%} of the {sum(len(r) for r in references)} references have "
+                f"{order} or more tokens (sacrebleu tokenize={tokenize!r}; "
+                f"{string_metrics.MIN_BLEU_COVERAGE:.0%} needed)"
+            )
+    return left_out
+
+
+def text_scores(
+    hypotheses: Sequence[str],
+    references: Sequence[Sequence[str]],
+    *,
+    captions: bool,
+    eval_config: Any,
+) -> dict[str, float]:
+    """The scores of decoded strings against their references (names without 'eval/').
+
+    Every task: 'exact_match' (any reference), 'chrf' and the BLEU orders
+    that `bleu_left_out` keeps (the reason for leaving one out is logged once
+    per process). A translation (one reference each) adds 'char_error_rate'
+    (cheap, and on the same footing for any target), and with
+    `eval_config.tokenized_bleu` 'tokenized_bleu'
+    (`string_metrics.tokenized_bleu`, compound splitting as Vaswani et al.),
+    unless BLEU is left out. A caption adds the per-position character accuracy when
+    every reference is one word (no whitespace; on sentences of words it
+    would only measure where they line up): named 'digit_accuracy' when every
+    reference is a digit string, else 'char_accuracy'.
+
+    Args:
+      hypotheses: the decoded strings.
+      references: the references of each hypothesis (one for a translation).
+      captions: whether the hypotheses are captions (BLEU-1..4).
+      eval_config: `config.eval`: bleu_tokenize, and optionally tokenized_bleu.
+    """
+    tokenize = eval_config.bleu_tokenize
+    matches, count = metrics_lib.exact_match_strings(hypotheses, references)
+    scores = {"exact_match": matches / max(count, 1)}
+    left_out = bleu_left_out(references, captions=captions, tokenize=tokenize)
+    for name, reason in left_out.items():
+        if name not in _LEFT_OUT_LOGGED and jax.process_index() == 0:
+            _LEFT_OUT_LOGGED.add(name)
+            logging.info("eval/%s is left out: only %s.", name, reason)
+    if captions:
+        bleu = metrics_lib.caption_bleu(hypotheses, references, tokenize=tokenize)
+        scores.update({k: v for k, v in bleu.items() if k not in left_out})
+        scores["chrf"] = string_metrics.chrf(hypotheses, references)
+        words = [ref for refs in references for ref in refs]
+        if words and not any(len(ref.split()) > 1 for ref in words):
+            name = "digit_accuracy" if all(ref.isdigit() for ref in words) else "char_accuracy"
+            correct, positions = string_metrics.char_accuracy_counts(hypotheses, references)
+            scores[name] = correct / max(positions, 1)
+        return scores
+    first = [refs[0] for refs in references]  # a translation has one reference
+    if "bleu" not in left_out:
+        scores["bleu"] = metrics_lib.corpus_bleu(hypotheses, first, tokenize=tokenize)
+        if eval_config.get("tokenized_bleu"):
+            scores["tokenized_bleu"] = string_metrics.tokenized_bleu(hypotheses, first)
+    scores["chrf"] = string_metrics.chrf(hypotheses, first)
+    scores["char_error_rate"] = string_metrics.char_error_rate(hypotheses, first)
+    return scores
+
+
+def check_ranking_metrics(
+    config: Any, references: Callable[[], Sequence[Sequence[str]]], *, captions: bool
+) -> None:
+    """Refuses a checkpoint or plateau metric that evaluation will leave out (`bleu_left_out`).
+
+    Args:
+      config: the experiment config (`checkpoint.best_metric`, `train.schedule`,
+        `train.plateau_metric`, `eval.bleu_tokenize`).
+      references: reads the references of the examples evaluation decodes;
+        called only when a ranking metric is a BLEU one.
+      captions: whether the task is captioning.
+
+    Raises:
+      ValueError: naming the config key, the reason and what to rank by instead.
+    """
+    keys = {"checkpoint.best_metric": config.checkpoint.get("best_metric")}
+    if config.train.schedule == "plateau":
+        keys["train.plateau_metric"] = config.train.plateau_metric
+    named = {key: value for key, value in keys.items() if value and value.startswith("eval/bleu")}
+    if not named:
+        return
+    left_out = bleu_left_out(references(), captions=captions, tokenize=config.eval.bleu_tokenize)
+    for key, value in named.items():
+        reason = left_out.get(value.split("/", 1)[1])
+        if reason is not None:
+            raise ValueError(
+                f"config.{key}={value!r} is never logged for this task: only {reason}; "
+                "rank by 'eval/chrf' or 'eval/exact_match' instead"
+            )
+
+
 def evaluate(
     *,
     model: nnx.Module,
@@ -112,7 +230,7 @@ def evaluate(
         record of each row, -1 for padding) when the pipeline's `with_index`.
       tokenizer: detokenises hypotheses (and targets, without `references_of`).
       eval_config: beam_size, length_penalty, alpha, max_examples, num_plots,
-        bleu_tokenize.
+        bleu_tokenize, and optionally tokenized_bleu (`text_scores`).
       max_target_length: beam search's maximum output length.
       captions: the source is an image (BLEU-1..4 over every reference).
       plot_dir: where the alignment plots go (None: not saved, still returned).
@@ -240,16 +358,8 @@ def evaluate(
             decoded += 1
     totals = metrics_lib.sum_across_processes(sums)
     results = {f"eval/{k}": v for k, v in metrics_lib.compute_metrics(totals).items()}
-    matches, count = metrics_lib.exact_match_strings(hypotheses, references)
-    results["eval/exact_match"] = matches / max(count, 1)
-    if captions:
-        bleu = metrics_lib.caption_bleu(hypotheses, references, tokenize=eval_config.bleu_tokenize)
-        results.update({f"eval/{k}": v for k, v in bleu.items()})
-    else:
-        # A translation has one reference.
-        results["eval/bleu"] = metrics_lib.corpus_bleu(
-            hypotheses, [r[0] for r in references], tokenize=eval_config.bleu_tokenize
-        )
+    text = text_scores(hypotheses, references, captions=captions, eval_config=eval_config)
+    results.update({f"eval/{k}": v for k, v in text.items()})
     results["eval/decoded_examples"] = float(len(hypotheses))
     if pointed is not None and pointed.count:
         results["eval/pointing_accuracy"] = pointed.accuracy

@@ -207,10 +207,18 @@ class MetricsWriter:
         self._last_time, self._last_step = self._clock(), int(step)
 
     def evaluation(self, step: int, metrics: Mapping[str, float]) -> None:
-        """Logs one line: 'eval step S | exact_match 0.98 | bleu 97.1 | loss 0.02 ...'."""
+        """Logs one line: 'eval step S | exact_match 0.98 | bleu 97.1 | loss 0.02 ...'.
+
+        The line starts with the metrics' prefix when they share one other than
+        'eval' ('test step S | checkpoint_step 2500 | exact_match ...').
+        """
         if not self.is_chief:
             return
-        parts = [f"{self.mode if self.mode != 'train' else 'eval'} step {step}"]
+        label = self.mode if self.mode != "train" else "eval"
+        prefixes = {name.split("/", 1)[0] for name in metrics if "/" in name}
+        if len(prefixes) == 1 and prefixes != {"eval"}:
+            label = prefixes.pop()
+        parts = [f"{label} step {step}"]
         for name, value in metrics.items():
             short = name.split("/", 1)[-1]
             if short == "decoded_examples":

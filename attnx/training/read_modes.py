@@ -20,6 +20,13 @@ only under `WORKDIR/<mode>/`, never into the training record:
              `visualize/plots/step_N/` (and its TensorBoard run); no metrics,
              which over a handful of examples would mean nothing.
 
+Each reads `config.eval.split` (default `config.task.eval_split`, the split
+training evaluates on): `--mode=eval --config.eval.split=test` scores the
+test split. Metrics of the training's evaluation split are named `eval/...`
+as in training; those of any other split after it (`test/bleu`,
+`test/exact_match`), and its outputs carry its name
+(`decode/predictions_test_step_N.tsv`, `eval/plots/test_step_N/`).
+
 An output that already exists (the same step decoded twice) is moved aside,
 not replaced.
 """
@@ -62,22 +69,24 @@ def read_run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict
     try:
         run.restore()
         step = int(run.state.step)
-        logging.info("--mode=%s on step %d of %s", mode, step, workdir)
+        logging.info("--mode=%s on step %d of %s, split %r", mode, step, workdir, run.eval_split)
         out = os.path.join(workdir, mode)
+        # Outputs of a split other than the training's evaluation split carry its name.
+        tag = "" if run.eval_split == config.task.eval_split else f"{run.eval_split}_"
         writer = MetricsWriter(out, total_steps=config.train.steps, mode=mode)
         try:
             if mode == "eval":
                 results = run.evaluate(
-                    step, writer, plot_dir=_fresh(os.path.join(out, "plots", f"step_{step}"))
+                    step, writer, plot_dir=_fresh(os.path.join(out, "plots", f"{tag}step_{step}"))
                 )
             elif mode == "decode":
-                path = _fresh(os.path.join(out, f"predictions_step_{step}.tsv"))
+                path = _fresh(os.path.join(out, f"predictions_{tag}step_{step}.tsv"))
                 kind = config.decode.get("print_alignment")
                 if kind is not None:
                     suffix = "pharaoh" if kind == "hard" else "soft"
                     options = {
                         "alignments_path": _fresh(
-                            os.path.join(out, f"alignments_step_{step}.{suffix}")
+                            os.path.join(out, f"alignments_{tag}step_{step}.{suffix}")
                         ),
                         "alignment_kind": kind,
                     }
@@ -96,7 +105,7 @@ def read_run(config: ml_collections.ConfigDict, workdir: str, mode: str) -> dict
                 if options:
                     logging.info("Wrote %s", options["alignments_path"])
             else:
-                plot_dir = _fresh(os.path.join(out, "plots", f"step_{step}"))
+                plot_dir = _fresh(os.path.join(out, "plots", f"{tag}step_{step}"))
                 run.evaluate(
                     step,
                     writer,

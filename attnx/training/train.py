@@ -8,6 +8,14 @@ position, step, evaluation, loop. Everything it writes goes to `workdir`:
 (`plots/step_N/`). Restarting the same command resumes from the newest whole
 checkpoint, data iterator included; SIGTERM saves and exits cleanly; a save
 that fails stops the run (`CheckpointSaveError`) instead of training on.
+
+Every `config.eval.every_steps` and at the last step the model is evaluated
+on `config.task.eval_split` (validation) as `eval/...`. At the last step,
+`final_evaluation.evaluate_at_end` also scores the mean of the last
+`config.checkpoint.average_last` checkpoints (`eval_averaged/...`) and then
+the checkpoint with the best validation `config.checkpoint.best_metric` on
+the test split, once (`test/...`, with `test/checkpoint_step`; and
+`test_averaged/...`), when the task has one.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from attnx.training import checkpoint_averaging, optimizers, steps
+from attnx.training import final_evaluation, optimizers, steps
 from attnx.training import metrics as metrics_lib
 from attnx.training import workdir as workdir_lib
 from attnx.training.logging import MetricsWriter
@@ -118,22 +126,6 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     def plots(name: str) -> str:
         return f"{workdir}/plots/{name}"
 
-    def average_and_evaluate(step: int) -> dict[str, float]:
-        """Evaluates the mean parameters of the last N checkpoints (Vaswani et al. sec. 6.1)."""
-        last = checkpointer.all_steps()[-config.checkpoint.average_last :]
-        trees = [checkpointer.restore(s, target=run.state)[0].params for s in last]
-        averaged = jax.jit(
-            checkpoint_averaging.average_checkpoints, out_shardings=run.state_shardings.params
-        )(trees)
-        logging.info("Averaged the parameters of steps %s.", last)
-        return run.evaluate(
-            step,
-            writer,
-            params=averaged,
-            prefix="eval_averaged",
-            plot_dir=plots(f"averaged_{step}"),
-        )
-
     # --- Loop ------------------------------------------------------------------
     logging.info(
         "Training %s on %s in %s: steps %d -> %d, mesh %s.",
@@ -151,7 +143,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     try:
         while step < config.train.steps:
             batch = next(train_batches)
-            with jax.set_mesh(run.mesh):
+            with run.mesh_context():
                 state, sums = train_step(state, batch)
             step += 1
             if step == start_step + 1:
@@ -197,8 +189,9 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 break
         checkpointer.wait()
         run.state = state
-        if config.checkpoint.average_last > 1 and step == config.train.steps:
-            results.update(average_and_evaluate(step))
+        if step == config.train.steps:
+            # Checkpoint averaging, and the best checkpoint by validation on the test split.
+            results.update(final_evaluation.evaluate_at_end(run, step, writer, f"{workdir}/plots"))
     finally:
         # On any way out, the save in flight ends before the process does
         # (close raises CheckpointSaveError if it failed).

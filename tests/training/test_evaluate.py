@@ -18,7 +18,7 @@ from attnx.data.tokenizers import CharacterTokenizer
 from attnx.models import transformer_config
 from attnx.models.captioner import Captioner, tiny
 from attnx.models.transformer import Transformer
-from attnx.training import evaluate, steps
+from attnx.training import evaluate, steps, string_metrics
 
 MAX_LENGTH = 6
 
@@ -330,3 +330,90 @@ def test_bad_source_arguments_are_refused(text_model):
             warn_unknown_characters=True,
             **common,
         )
+
+
+# --- The scores of decoded strings: which metrics a task gets ------------------
+
+
+def test_single_word_targets_get_chrf_and_cer_and_no_bleu(caplog):
+    # German number words: one 13a token each, so corpus BLEU would read 0.0 beside
+    # an exact match of 1.0 (numbers_convs2s, step 6000: BLEU 0.0, exact match 0.996).
+    references = [["dreihundertzwei"], ["vierzig"], ["einundsiebzig"], ["elf"]]
+    hypotheses = ["dreihundertzwei", "vierzig", "einundsiebzig", "zwölf"]
+    config = ml_collections.ConfigDict(dict(bleu_tokenize="13a", tokenized_bleu=True))
+    assert sacrebleu.corpus_bleu(hypotheses, [[r[0] for r in references]]).score == 0.0
+    evaluate._LEFT_OUT_LOGGED.clear()
+    caplog.set_level(logging.INFO)
+    for _ in range(2):
+        scores = evaluate.text_scores(hypotheses, references, captions=False, eval_config=config)
+    assert "bleu" not in scores and "tokenized_bleu" not in scores
+    assert scores["exact_match"] == 3 / 4
+    assert scores["chrf"] == pytest.approx(
+        sacrebleu.corpus_chrf(hypotheses, [[r[0] for r in references]]).score
+    )
+    # "zwölf" against "elf": keep "lf", turn "zwö" into "e" (one substitution, two
+    # deletions): 3 edits over 15 + 7 + 13 + 3 = 38 reference characters.
+    assert scores["char_error_rate"] == pytest.approx(3 / 38)
+    said = [r.getMessage() for r in caplog.records if "eval/bleu is left out" in r.getMessage()]
+    assert len(said) == 1, "the reason is logged once, not at every evaluation"
+    assert "0% of the 4 references have 4 or more tokens" in said[0]
+
+
+def test_sentences_get_bleu_chrf_cer_and_tokenized_bleu():
+    references = [["Das ist ein gut-gemachter Test ."], ["Wir sehen uns morgen früh ."]]
+    hypotheses = ["Das ist ein gut-bekannter Test .", "Wir sehen uns morgen früh ."]
+    first = [r[0] for r in references]
+    config = ml_collections.ConfigDict(dict(bleu_tokenize="13a", tokenized_bleu=True))
+    scores = evaluate.text_scores(hypotheses, references, captions=False, eval_config=config)
+    assert scores["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hypotheses, [first]).score)
+    assert scores["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hypotheses, [first]).score)
+    # "bekannter" against "gemachter": g>b, m>k, c>n, h>n, 4 substitutions in all.
+    assert scores["char_error_rate"] == pytest.approx(4 / sum(map(len, first)))
+    assert scores["tokenized_bleu"] == pytest.approx(
+        string_metrics.tokenized_bleu(hypotheses, first)
+    )
+    config.tokenized_bleu = False
+    assert "tokenized_bleu" not in evaluate.text_scores(
+        hypotheses, references, captions=False, eval_config=config
+    )
+
+
+def test_digit_captions_get_digit_accuracy_and_keep_the_bleu_orders_they_have():
+    references = [["1234"], ["567"], ["89"], ["4321"]]
+    hypotheses = ["1234", "56", "98", "43210"]
+    config = ml_collections.ConfigDict(dict(bleu_tokenize="char"))
+    scores = evaluate.text_scores(hypotheses, references, captions=True, eval_config=config)
+    # Positions: 4 of 4, 2 of 3 (7 missing), 0 of 2 (swapped), 4 of 5 (extra 0).
+    assert scores["digit_accuracy"] == pytest.approx(10 / 14)
+    assert "char_accuracy" not in scores and "char_error_rate" not in scores
+    # Half the references have 4 digits: BLEU-4 stays (at least a quarter needed).
+    assert set(scores) >= {"bleu1", "bleu2", "bleu3", "bleu4", "chrf", "exact_match"}
+    short = evaluate.text_scores(["12", "3"], [["12"], ["34"]], captions=True, eval_config=config)
+    assert "bleu2" in short and "bleu3" not in short and "bleu4" not in short
+    words = evaluate.text_scores(["ab"], [["abc"]], captions=True, eval_config=config)
+    assert words["char_accuracy"] == pytest.approx(2 / 3) and "digit_accuracy" not in words
+    sentences = evaluate.text_scores(
+        ["a cat"], [["a cat", "one cat"]], captions=True, eval_config=config
+    )
+    assert "char_accuracy" not in sentences, "positions mean nothing across words"
+
+
+def test_a_ranking_metric_that_is_left_out_is_refused_naming_its_key():
+    config = ml_collections.ConfigDict(
+        dict(
+            checkpoint=dict(best_metric="eval/bleu"),
+            train=dict(schedule="plateau", plateau_metric="eval/perplexity"),
+            eval=dict(bleu_tokenize="13a"),
+        )
+    )
+    words = [["dreihundertzwei"], ["vierzig"]]
+    with pytest.raises(ValueError, match=r"config\.checkpoint\.best_metric='eval/bleu'.*chrf"):
+        evaluate.check_ranking_metrics(config, lambda: words, captions=False)
+    config.checkpoint.best_metric = "eval/exact_match"
+    config.train.plateau_metric = "eval/bleu"
+    with pytest.raises(ValueError, match=r"config\.train\.plateau_metric='eval/bleu'"):
+        evaluate.check_ranking_metrics(config, lambda: words, captions=False)
+    # Sentences keep BLEU; and nothing is read when no ranking metric is a BLEU one.
+    evaluate.check_ranking_metrics(config, lambda: [["ein zwei drei vier"]], captions=False)
+    config.train.plateau_metric = "eval/perplexity"
+    evaluate.check_ranking_metrics(config, lambda: pytest.fail("read"), captions=False)

@@ -183,3 +183,17 @@ def test_the_first_progress_line_has_a_rate_once_the_clock_started(tmp_path, mon
         )
     assert lines[-2] == "step 10/100 | 1.00 steps/s | ETA 0:01:30 | loss 3.0000"
     assert lines[-1] == "eval step 10 | exact_match 0.5 | bleu 61.25"
+
+
+def test_the_evaluation_line_names_the_split_of_its_metrics(tmp_path, monkeypatch):
+    lines = []
+    monkeypatch.setattr(
+        absl_logging, "info", lambda fmt, *args: lines.append(fmt % args if args else fmt)
+    )
+    with MetricsWriter(str(tmp_path), total_steps=100) as writer:
+        writer.evaluation(100, {"test/checkpoint_step": 80, "test/chrf": 91.5})
+        writer.evaluation(100, {"eval_averaged/chrf": 92.0})
+    assert lines == [
+        "test step 100 | checkpoint_step 80 | chrf 91.5",
+        "eval_averaged step 100 | chrf 92",
+    ]

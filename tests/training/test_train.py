@@ -108,6 +108,30 @@ def test_main_job_writes_checkpoints_metrics_events_and_plots(sharded_run):
     assert (sharded_run / "vocab" / "tokenizer.json").is_file()
 
 
+def test_the_best_checkpoint_is_scored_once_on_the_test_split(sharded_run):
+    rows = [m for m in metrics(sharded_run) if any(k.startswith("test/") for k in m)]
+    assert len(rows) == 1, "one test evaluation, at the end"
+    [row] = rows
+    # Step 20 is the only evaluated checkpoint (eval.every_steps=20), so it is the best.
+    assert row["step"] == STEPS and row["test/checkpoint_step"] == STEPS
+    assert {"test/exact_match", "test/bleu", "test/chrf", "test/char_error_rate"} <= set(row)
+    assert not any(k.startswith("eval/") for k in row)
+    assert list((sharded_run / "plots" / f"test_{STEPS}").glob("alignment_*.png"))
+
+
+def test_eval_mode_scores_the_split_it_is_given(tmp_path, data_dir, sharded_run):
+    workdir = tmp_path / "eval_test"
+    shutil.copytree(sharded_run, workdir)
+    run(workdir, data_dir, "--mode=eval", "--config.eval.split=test", devices=1)
+    [row] = [json.loads(line) for line in (workdir / "eval" / "metrics.jsonl").open()]
+    assert row["mode"] == "eval" and row["step"] == STEPS
+    assert "test/exact_match" in row and not any(k.startswith("eval/") for k in row)
+    assert (workdir / "eval" / "plots" / f"test_step_{STEPS}").is_dir()
+    # The newest checkpoint is the best one here: training's test row scored the same.
+    [training] = [m for m in metrics(workdir) if "test/loss" in m]
+    np.testing.assert_allclose(row["test/loss"], training["test/loss"], rtol=EVAL_LOSS_RTOL)
+
+
 # Cross-mesh tolerances, measured on this experiment over 8 seeds (1 device against
 # 8 devices and against 2 processes x 4 devices, 10 pairs): rounding from another
 # reduction order moved the step-20 train loss by at most 3.9e-6 and the final

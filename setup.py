@@ -32,6 +32,13 @@ EXTRAS_REQUIRE = {
     # Accelerator builds of jaxlib; see BUILD.md.
     "gpu": ["jax[cuda12]>=0.10.2"],
     "tpu": ["jax[tpu]>=0.10.2"],
+    # libtpu on any machine: --mode=compile compiles for a TPU topology without a TPU
+    # (attnx/training/compile_mode.py); its tests run in CI. Pinned to the jax it matches.
+    "aot": ["jax[tpu]==0.10.2"],
+    # The PyTorch peers of benchmarks/ (python -m benchmarks.compare). Pinned: on a
+    # machine with the CPU wheel of 2.13.0 at hand pip takes it; an open range may
+    # pull a CUDA build of several GB. Not in 'test': the peers' tests skip without it.
+    "bench": ["torch==2.13.0"],
 }
 
 setuptools.setup(

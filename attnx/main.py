@@ -1,12 +1,17 @@
 r"""The attnx entry point.
 
   python -m attnx.main --config=experiments/NAME.py[:ARG] --workdir=DIR \
-      [--config.any.key=value ...] [--mode=train|eval|decode|visualize|interpret|summary] [-v 1]
+      [--config.any.key=value ...] [--mode=train|eval|decode|visualize|interpret|summary|compile]
+      [-v 1]
 
 (also installed as the console script `attnx`). `train` trains and evaluates,
 resuming from DIR's newest whole checkpoint; `eval`, `decode` and `visualize`
 read the trained run and write only under DIR/<mode>/ (`read_modes.py`);
-`summary` prints the parameter table without touching data. Paths are
+`summary` prints the parameter table without touching data; `compile`
+compiles the steps for the TPU topology `config.compile.topology` on this
+machine and prints their memory and roofline bound, one JSON line each
+(`compile_mode.py`; needs libtpu, no TPU, no data; like `summary` it reads
+--workdir only for its vocabulary and writes nothing). Paths are
 resolved once, against the directory the command starts in. A mistake on the
 command line, in the workdir or with a checkpoint save ends the run with one
 line, `FATAL ...`, naming it. Logs hold attnx's own lines and the warnings of
@@ -26,7 +31,7 @@ from ml_collections import config_flags
 from attnx import cli
 
 FLAGS = flags.FLAGS
-MODES = ("train", "eval", "decode", "visualize", "interpret", "summary")
+MODES = ("train", "eval", "decode", "visualize", "interpret", "summary", "compile")
 config_flags.DEFINE_config_file("config", None, "Experiment file: experiments/NAME.py[:ARG].")
 flags.DEFINE_string("workdir", None, "Where checkpoints, logs and plots go (any path; resolved).")
 flags.DEFINE_enum("mode", "train", MODES, "What to do.")
@@ -41,23 +46,9 @@ flags.DEFINE_integer("process_id", None, "This process's index, with --coordinat
 
 
 def _summary(config, workdir: str | None) -> None:
-    from attnx.data import tokenizers
-    from attnx.training.run import model_summary
+    from attnx.training.run import model_summary, vocab_without_data
 
-    vocab_file = os.path.join(workdir, "vocab", tokenizers.TOKENIZER_FILE) if workdir else None
-    if vocab_file and os.path.isfile(vocab_file):
-        vocab = tokenizers.load_tokenizer(os.path.dirname(vocab_file)).vocab_size
-        source = f"the run's vocabulary, {vocab_file}"
-    elif config.task.tokenizer == "byte":
-        vocab, source = tokenizers.ByteTokenizer().vocab_size, "the byte tokenizer"
-    elif config.task.get("vocab_size"):
-        vocab, source = config.task.vocab_size, "config.task.vocab_size"
-    else:
-        vocab = 256
-        source = (
-            "a placeholder: the character vocabulary comes from the training data; "
-            "pass the --workdir of a run to count its own"
-        )
+    vocab, source = vocab_without_data(config, workdir)
     rows = model_summary(config, vocab)
     width = max(len(path) for path, _, _ in rows)
     print(f"{'parameter':<{width}}  {'shape':<22} {'size':>12}")
@@ -85,15 +76,24 @@ def main(argv: list[str]) -> None:
             num_processes=FLAGS.num_processes,
             process_id=FLAGS.process_id,
         )
+    device_count = None
+    if mode == "compile":
+        from attnx.training import compile_mode
+
+        # The mesh is checked against the topology's devices, not this machine's.
+        device_count = len(compile_mode.topology_devices(config.compile.topology))
     try:
-        validate(config)
+        validate(config, device_count)
         workdir_lib.resolve_config_paths(config)
     except ValueError as error:
         # A config error is the user's to fix, not a crash: one line, no traceback.
         cli.fatal(f"Config error: {error}")
-    if mode == "summary":
+    if mode in ("summary", "compile"):
         workdir = FLAGS.workdir and workdir_lib.resolve(FLAGS.workdir, what="--workdir")
-        _summary(config, workdir)
+        if mode == "summary":
+            _summary(config, workdir)
+        else:
+            compile_mode.compile_run(config, workdir)
         return
     if FLAGS.workdir is None:
         cli.fatal(f"--workdir is required for --mode={mode}")

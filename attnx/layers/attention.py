@@ -27,7 +27,11 @@ Implementations:
   'chunked'    blocks of queries and keys with an online softmax
                (Rabe & Staats 2021): O(length) memory in forward and backward.
   'splash'     Pallas splash attention (TPU; interpret mode elsewhere).
-  None         picks one for the backend and the arguments.
+  None         picks one for the target platform and the arguments.
+The target platform is that of the devices of the mesh in context
+(`jax.set_mesh`), else JAX's default backend (`target_platform`): a step
+compiled ahead of time for a TPU topology on a CPU machine picks, and
+lowers, the TPU kernels.
 Inside an `attnx.layers.interventions.attention_edit` block every call uses
 'reference' and hands its weights to the edit right after normalisation.
 """
@@ -178,6 +182,17 @@ def _dot_product_attention(query, key, value, *, spec, bias, scale, implementati
     return _zero_empty_rows(output, mask)
 
 
+def target_platform() -> str:
+    """The platform being compiled for: the context mesh's devices', else the default backend.
+
+    Under `jax.set_mesh(mesh)` the mesh's devices decide, so that a program
+    compiled ahead of time for a TPU topology on a CPU machine (attnx's
+    `--mode=compile`) makes the choices a TPU would: 'tpu', 'gpu' or 'cpu'.
+    """
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
 def select_implementation(
     query: Array,
     key: Array,
@@ -200,7 +215,7 @@ def select_implementation(
     """
     if return_weights or normalizer != "softmax":
         return "reference"
-    backend = backend or jax.default_backend()
+    backend = backend or target_platform()
     q_length, kv_length = query.shape[1], key.shape[1]
     structural_only = spec.dense is None and bias is None and dropout_rate == 0.0
     if (

@@ -21,13 +21,25 @@ to attnx's `attention` contract:
 * empty rows (segment 0, or a window that misses every key): the kernel
   returns garbage or NaN for them, so they are set to zero afterwards.
 
-Off TPU the kernel runs in Pallas interpret mode (slow, for tests only).
+* meshes: the kernel is a per-device program, so under a mesh (`jax.set_mesh`)
+  it runs inside `jax.shard_map`, each device on its rows of the batch and its
+  heads. The logical axes 'batch' and 'heads' name the mesh axes through the
+  logical-axis rules in context (`flax.nnx.logical_axis_rules`, which attnx's
+  training steps set from `config.mesh.rules`); without rules the batch is
+  split over every mesh axis. An axis stays whole where the mesh axes do not
+  divide it (and the heads where they do not divide the key/value heads).
+
+Off TPU the kernel runs in Pallas interpret mode (slow, for tests only). The
+platform is the one compiled for (`attention.target_platform`), so a step
+compiled ahead of time for a TPU topology gets the Mosaic kernel.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
+from flax.core import spmd
 from jax.experimental.pallas.ops.tpu.splash_attention import (
     splash_attention_kernel as splash_kernel,
 )
@@ -35,7 +47,10 @@ from jax.experimental.pallas.ops.tpu.splash_attention import (
     splash_attention_mask as splash_mask,
 )
 
+from attnx.layers.attention import target_platform
 from attnx.layers.masks import MaskSpec
+
+P = jax.sharding.PartitionSpec
 
 Array = jax.Array
 
@@ -67,11 +82,10 @@ def _structural_mask(spec: MaskSpec, q_length: int, kv_length: int) -> splash_ma
     return splash_mask.FullMask(shape)
 
 
-@functools.lru_cache(maxsize=64)
-def _make_kernel(
+def _build_kernel(
     mask: splash_mask.Mask, num_heads: int, block_q: int, block_kv: int, interpret: bool
 ):
-    """Builds (and caches: building processes the mask block by block in NumPy) a kernel."""
+    """A splash multi-head kernel for `num_heads` heads sharing `mask`."""
     block_sizes = splash_kernel.BlockSizes(
         block_q=block_q,
         block_kv=block_kv,
@@ -82,16 +96,38 @@ def _make_kernel(
         block_q_dq=block_q,
         block_kv_dq=block_kv,
     )
+    return splash_kernel.make_splash_mha(
+        splash_mask.MultiHeadMask([mask] * num_heads),
+        block_sizes=block_sizes,
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=interpret,
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_kernel(
+    mask: splash_mask.Mask, num_heads: int, block_q: int, block_kv: int, interpret: bool
+):
+    """`_build_kernel`, cached: building processes the mask block by block in NumPy."""
     # The kernel holds the processed mask as arrays; make them concrete constants even
     # when called under jit, so that the cached kernel does not keep a tracer alive.
     with jax.ensure_compile_time_eval():
-        return splash_kernel.make_splash_mha(
-            splash_mask.MultiHeadMask([mask] * num_heads),
-            block_sizes=block_sizes,
-            head_shards=1,
-            q_seq_shards=1,
-            interpret=interpret,
-        )
+        return _build_kernel(mask, num_heads, block_q, block_kv, interpret)
+
+
+def _make_kernel(
+    mask: splash_mask.Mask, num_heads: int, block_q: int, block_kv: int, interpret: bool
+):
+    """The kernel; cached, except under a mesh.
+
+    Under a mesh, concrete arrays would be placed on the mesh's devices, which
+    a topology compiled for ahead of time does not have; there the kernel is
+    built in the trace (the mask processing keeps its own cache).
+    """
+    if jax.sharding.get_abstract_mesh().empty:
+        return _cached_kernel(mask, num_heads, block_q, block_kv, interpret)
+    return _build_kernel(mask, num_heads, block_q, block_kv, interpret)
 
 
 def _rows_with_keys(spec: MaskSpec, q_length: int, kv_length: int) -> Array:
@@ -107,6 +143,74 @@ def _rows_with_keys(spec: MaskSpec, q_length: int, kv_length: int) -> Array:
 
     blocks = jax.lax.map(row_block, jnp.arange(q_length // LANES))  # [nq, b|1, LANES]
     return jnp.moveaxis(blocks, 0, 1).reshape(blocks.shape[1], q_length)
+
+
+def _apply_kernel(spec, q, k, v, q_ids, kv_ids, interpret: bool) -> Array:
+    """The kernel over `[b, n, t, h]` blocks (padded lengths), vmapped over the batch."""
+    kernel = _make_kernel(
+        _structural_mask(spec, q.shape[2], k.shape[2]),
+        q.shape[1],
+        _block_size(q.shape[2]),
+        _block_size(k.shape[2]),
+        interpret,
+    )
+    if q_ids is None:
+        return jax.vmap(kernel)(q, k, v)
+    return jax.vmap(lambda q, k, v, qi, ki: kernel(q, k, v, splash_kernel.SegmentIds(qi, ki)))(
+        q, k, v, q_ids, kv_ids
+    )
+
+
+def _mesh_axes(mesh, logical: str, size: int) -> tuple[str, ...] | None:
+    """The mesh axes that split an axis of `size` named `logical`, or None.
+
+    From the logical-axis rules in context; without rules, 'batch' takes every
+    mesh axis and the rest none. Axes of size 1 are dropped; if the others do
+    not divide `size`, the axis stays whole (as in attnx's sharding rules).
+    """
+    rules = dict(spmd.get_logical_axis_rules() or ())
+    if rules:
+        axes = rules.get(logical)
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    else:
+        axes = tuple(mesh.axis_names) if logical == "batch" else ()
+    axes = tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
+    if not axes or size % math.prod(mesh.shape[a] for a in axes):
+        return None
+    return axes
+
+
+def _sharded_kernel(mesh, spec, q, k, v, q_ids, kv_ids, interpret: bool) -> Array:
+    """The kernel under `jax.shard_map`: each device runs it on its rows and heads.
+
+    Query head n reads key/value head `n // group`; splitting both head axes
+    into the same number of contiguous blocks keeps that on every device, and
+    a single key/value head (multi-query) is read whole by every device.
+    """
+    batch, num_heads = q.shape[:2]
+    num_kv_heads = k.shape[1]
+    batch_axes = _mesh_axes(mesh, "batch", batch)
+    head_axes = _mesh_axes(mesh, "heads", num_heads)
+    if head_axes is not None:
+        used = set(batch_axes or ())
+        shards = math.prod(mesh.shape[a] for a in head_axes)
+        if used & set(head_axes) or (num_kv_heads % shards and num_kv_heads != 1):
+            head_axes = None
+    kv_head_axes = head_axes if num_kv_heads != 1 else None
+    q_spec = P(batch_axes, head_axes, None, None)
+    kv_spec = P(batch_axes, kv_head_axes, None, None)
+    ids_spec = P(batch_axes, None)
+
+    def local(q, k, v, q_ids, kv_ids):
+        return _apply_kernel(spec, q, k, v, q_ids, kv_ids, interpret)
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(q_spec, kv_spec, kv_spec, ids_spec, ids_spec),
+        out_specs=q_spec,
+        check_vma=False,
+    )(q, k, v, q_ids, kv_ids)
 
 
 def splash_attention(
@@ -129,7 +233,7 @@ def splash_attention(
             "splash_attention: takes only structured masks (is_causal, segment_ids, "
             "local_window), not a dense mask"
         )
-    batch, q_length, num_heads, _ = query.shape
+    batch, q_length = query.shape[:2]
     kv_length = key.shape[1]
     padded_q, padded_kv = _pad_to(q_length), _pad_to(kv_length)
 
@@ -151,19 +255,12 @@ def splash_attention(
     k = jnp.swapaxes(pad_length(key, padded_kv), 1, 2)
     v = jnp.swapaxes(pad_length(value, padded_kv), 1, 2)
 
-    kernel = _make_kernel(
-        _structural_mask(spec, padded_q, padded_kv),
-        num_heads,
-        _block_size(padded_q),
-        _block_size(padded_kv),
-        jax.default_backend() != "tpu",
-    )
-    if q_ids is None:
-        out = jax.vmap(kernel)(q, k, v)
+    mesh = jax.sharding.get_abstract_mesh()
+    interpret = target_platform() != "tpu"
+    if mesh.empty or mesh.size == 1:
+        out = _apply_kernel(spec, q, k, v, q_ids, kv_ids, interpret)
     else:
-        out = jax.vmap(lambda q, k, v, qi, ki: kernel(q, k, v, splash_kernel.SegmentIds(qi, ki)))(
-            q, k, v, q_ids, kv_ids
-        )
+        out = _sharded_kernel(mesh, spec, q, k, v, q_ids, kv_ids, interpret)
     out = jnp.swapaxes(out, 1, 2)[:, :q_length]  # [b, t, n, hv]
 
     if spec.is_empty:

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attnx.layers.attention import target_platform
 from attnx.layers.params import Initializer, param
 from attnx.models.checks import check_at_least
 
@@ -120,13 +121,16 @@ CONV_IMPLEMENTATIONS = ("xla", "patches")
 def resolve_conv_implementation(implementation: str | None) -> str:
     """None picks 'patches' on CPU and 'xla' on GPU and TPU (cuDNN / the MXU convolutions).
 
+    The platform is the one compiled for (`attnx.layers.attention.target_platform`):
+    a TPU mesh's, when a step is compiled ahead of time on a CPU machine.
+
     XLA's CPU convolutions are slow to differentiate: the kernel gradient of
     a 3x3 convolution from 32 to 64 channels on 64 x 32 x 32 inputs takes
     about 4x longer than the same product written as one matrix multiply
     (benchmarks/train_step.py, the spatial setting).
     """
     if implementation is None:
-        return "patches" if jax.default_backend() == "cpu" else "xla"
+        return "patches" if target_platform() == "cpu" else "xla"
     if implementation not in CONV_IMPLEMENTATIONS:
         raise ValueError(
             f"conv implementation must be one of {CONV_IMPLEMENTATIONS} or None, "

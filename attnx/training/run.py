@@ -11,6 +11,7 @@ directory.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -80,6 +81,93 @@ def _model_config(config: ml_collections.ConfigDict, vocab_size: int):
     )
 
 
+def check_batch_sizes(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
+    """Raises ValueError unless the data x fsdp mesh axes divide the batch sizes."""
+    batch_divisor = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
+    for key in ("train.batch_size", "eval.batch_size"):
+        section, name = key.split(".")
+        if config[section][name] % batch_divisor:
+            raise ValueError(
+                f"config.{key}={config[section][name]} is not a multiple of the "
+                f"data x fsdp mesh size {batch_divisor}"
+            )
+
+
+@dataclasses.dataclass
+class ModelParts:
+    """The model and optimizer of a config, as functions and abstract values; no data, no memory.
+
+    Attributes:
+      model_config: the architecture's config dataclass.
+      graphdef: the model's static structure (`nnx.split`).
+      abstract_params: the `nnx.Param` state as shapes and dtypes.
+      param_shardings: NamedShardings of the parameters (the logical-axis rules).
+      loss_terms: what the model adds to the token loss (its spec's).
+      optimizer, schedule: the optax transformation and its learning-rate schedule.
+      init_state: `() -> TrainState`, the state before step 0, to be jitted
+        (its parameters constrained to `param_shardings`).
+      init_rest: `() -> nnx.State`, the model's non-parameter state, to be jitted.
+    """
+
+    model_config: Any
+    graphdef: Any
+    abstract_params: Any
+    param_shardings: Any
+    loss_terms: LossTerms | None
+    optimizer: optax.GradientTransformation
+    schedule: Callable[[int], Any]
+    init_state: Callable[[], steps.TrainState]
+    init_rest: Callable[[], Any]
+
+
+def build_model_parts(
+    config: ml_collections.ConfigDict,
+    vocab_size: int,
+    mesh: jax.sharding.Mesh,
+    rules: sharding.Rules,
+) -> ModelParts:
+    """The model, optimizer and parameter shardings of `config` for `mesh`, without data.
+
+    Training and the read-only modes jit `init_state` and `init_rest`;
+    `--mode=compile` only lowers them, for devices it does not have.
+    """
+    model_config = _model_config(config, vocab_size)
+    seed = config.train.seed
+
+    def create_model():
+        return build_model(
+            config.model.name, model_config, rngs=nnx.Rngs(params=seed, dropout=seed + 1)
+        )
+
+    abstract_model = nnx.eval_shape(create_model)
+    graphdef, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
+    model_dim = model_width(config.model.name, model_config)
+    loss_terms = make_loss_terms(config.model.name, model_config, config.train)
+    optimizer, schedule = optimizers.make_optimizer(config.train, model_dim=model_dim)
+    param_shardings = sharding.state_shardings(abstract_params, mesh, rules)
+
+    def init_rest():
+        return nnx.split(create_model(), nnx.Param, ...)[2]
+
+    def init_state():
+        params = jax.lax.with_sharding_constraint(
+            nnx.split(create_model(), nnx.Param, ...)[1], param_shardings
+        )
+        return steps.TrainState.create(params, optimizer, jax.random.key(seed + 2), loss_terms)
+
+    return ModelParts(
+        model_config=model_config,
+        graphdef=graphdef,
+        abstract_params=abstract_params,
+        param_shardings=param_shardings,
+        loss_terms=loss_terms,
+        optimizer=optimizer,
+        schedule=schedule,
+        init_state=init_state,
+        init_rest=init_rest,
+    )
+
+
 @dataclasses.dataclass
 class Run:
     """A run's parts, built and restored; see `Run.build`."""
@@ -109,6 +197,12 @@ class Run:
     data_state: Any = None
     # The jitted teacher-forced 'alignment' of `_pointing`, compiled on first use.
     _alignment: Any = None
+    # The logical-axis rules (config.mesh.rules over the defaults).
+    rules: sharding.Rules = sharding.DEFAULT_RULES
+    # The split `eval_source` holds: config.task.eval_split for training, else
+    # config.eval.split when set. Other splits are opened on demand (`split_source`).
+    eval_split: str = "validation"
+    _other_sources: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def build(cls, config: ml_collections.ConfigDict, workdir: str, *, mode: str) -> Run:
@@ -127,18 +221,23 @@ class Run:
         mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
         rules = sharding.parse_rules(config.mesh.get("rules"))
         data_sharding = sharding.batch_sharding(mesh, rules)
-        batch_divisor = int(np.prod([mesh.shape[a] for a in ("data", "fsdp")]))
-        for key in ("train.batch_size", "eval.batch_size"):
-            section, name = key.split(".")
-            if config[section][name] % batch_divisor:
-                raise ValueError(
-                    f"config.{key}={config[section][name]} is not a multiple of the "
-                    f"data x fsdp mesh size {batch_divisor}"
-                )
+        check_batch_sizes(config, mesh)
 
         # --- Data ------------------------------------------------------------
         task = config_lib.make_task(config)
-        eval_source = tasks.open_split(config.task, config.task.eval_split)
+        eval_split = config.task.eval_split
+        if read_only and config.eval.get("split"):
+            eval_split = config.eval.split  # --mode=eval/decode/visualize on another split
+        eval_source = tasks.open_split(config.task, eval_split)
+        if not read_only:
+            # A ranking metric that evaluation leaves out stops the run now, not at step N
+            # (judged on the first 512 examples it decodes: a share needs no more).
+            limit = min(config.eval.max_examples, len(eval_source), 512)
+            evaluate.check_ranking_metrics(
+                config,
+                lambda: [task.references(eval_source[i]) for i in range(limit)],
+                captions=captions,
+            )
         vocab_dir = os.path.join(workdir, "vocab")
         if read_only:
             # A read-only mode uses the run's own vocabulary; it never builds one.
@@ -151,37 +250,10 @@ class Run:
             )
 
         # --- Model and optimizer ---------------------------------------------
-        model_config = _model_config(config, tokenizer.vocab_size)
-        seed = config.train.seed
-
-        def create_model():
-            return build_model(
-                config.model.name, model_config, rngs=nnx.Rngs(params=seed, dropout=seed + 1)
-            )
-
-        abstract_model = nnx.eval_shape(create_model)
-        graphdef, abstract_params, _ = nnx.split(abstract_model, nnx.Param, ...)
-        model_dim = model_width(config.model.name, model_config)
-        loss_terms = make_loss_terms(config.model.name, model_config, config.train)
-        optimizer, schedule = optimizers.make_optimizer(config.train, model_dim=model_dim)
-
-        # --- Sharding --------------------------------------------------------
-        param_shardings = sharding.state_shardings(abstract_params, mesh, rules)
-
-        @jax.jit
-        def init_rest():
-            return nnx.split(create_model(), nnx.Param, ...)[2]
-
-        @jax.jit
-        def init_state():
-            params = jax.lax.with_sharding_constraint(
-                nnx.split(create_model(), nnx.Param, ...)[1], param_shardings
-            )
-            return steps.TrainState.create(params, optimizer, jax.random.key(seed + 2), loss_terms)
-
+        parts = build_model_parts(config, tokenizer.vocab_size, mesh, rules)
         with jax.set_mesh(mesh):
-            state = init_state()
-            rest = init_rest()
+            state = jax.jit(parts.init_state)()
+            rest = jax.jit(parts.init_rest)()
         state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
         checkpointer = checkpoints.Checkpointer(
@@ -197,7 +269,7 @@ class Run:
         )
         eval_step = jax.jit(
             steps.make_eval_step(
-                graphdef, rest, label_smoothing=float(config.train.label_smoothing)
+                parts.graphdef, rest, label_smoothing=float(config.train.label_smoothing)
             ),
             in_shardings=(state_shardings.params, data_sharding),
         )
@@ -212,17 +284,23 @@ class Run:
             train_source=train_source,
             eval_source=eval_source,
             tokenizer=tokenizer,
-            model_config=model_config,
-            loss_terms=loss_terms,
-            graphdef=graphdef,
+            model_config=parts.model_config,
+            loss_terms=parts.loss_terms,
+            graphdef=parts.graphdef,
             rest=rest,
-            optimizer=optimizer,
-            schedule=schedule,
+            optimizer=parts.optimizer,
+            schedule=parts.schedule,
             state=state,
             state_shardings=state_shardings,
             checkpointer=checkpointer,
             eval_step=eval_step,
+            rules=rules,
+            eval_split=eval_split,
         )
+
+    def mesh_context(self) -> contextlib.AbstractContextManager:
+        """The mesh and logical-axis rules that the compiled steps run under."""
+        return sharding.activate(self.mesh, self.rules)
 
     # --- Restore ---------------------------------------------------------------
 
@@ -254,10 +332,18 @@ class Run:
             start_batch=start_batch,
         )
 
-    def eval_batches(self) -> Iterator[dict[str, Any]]:
+    def split_source(self, split: str | None = None) -> Any:
+        """The records of `split` (None: `eval_split`), opened once (RunError if it does not exist)."""
+        if split is None or split == self.eval_split:
+            return self.eval_source
+        if split not in self._other_sources:
+            self._other_sources[split] = tasks.open_split(self.config.task, split)
+        return self._other_sources[split]
+
+    def eval_batches(self, split: str | None = None) -> Iterator[dict[str, Any]]:
         return _pipeline(
             self.config,
-            self.eval_source,
+            self.split_source(split),
             _eval_task(self.task),
             self.tokenizer,
             train=False,
@@ -265,15 +351,15 @@ class Run:
             sharding_=self.data_sharding,
         )
 
-    def source_text(self, index: int) -> str:
-        """The raw source of evaluation record `index` (a label for an image)."""
+    def source_text(self, index: int, split: str | None = None) -> str:
+        """The raw source of record `index` of `split` (default the evaluation's; images: a label)."""
         if self.captions:
             return f"image {index}"
-        return self.task.source_text(self.eval_source[index])
+        return self.task.source_text(self.split_source(split)[index])
 
     # --- Evaluation ------------------------------------------------------------
 
-    def _pointing(self, params: Any, batch: dict[str, Any]) -> Any:
+    def _pointing(self, params: Any, batch: dict[str, Any], split: str | None = None) -> Any:
         """Pointing scores of the model's 'alignment' on a batch, against the task's gold."""
         if self._alignment is None:
             self._alignment = _alignment_fn(self.graphdef, self.rest)
@@ -284,14 +370,14 @@ class Run:
         rows = {key: value[keep] for key, value in host.items()}
         scorer = gold.scorer(
             self.task,
-            self.eval_source,
+            self.split_source(split),
             rows,
             rows["targets"].shape[1],
             tokenizer=self.config.task.tokenizer,
         )
         if scorer is None:
             return None
-        with jax.set_mesh(self.mesh):
+        with self.mesh_context():
             alignment = evaluate.to_host(self._alignment(params, batch))
         return scorer.score(alignment[keep])
 
@@ -302,34 +388,43 @@ class Run:
         *,
         plot_dir: str | None,
         params: Any = None,
-        prefix: str = "eval",
+        prefix: str | None = None,
+        split: str | None = None,
         eval_config: dict[str, Any] | None = None,
         write_metrics: bool = True,
         **options: Any,
     ) -> dict[str, float]:
-        """Evaluates `params` (default: the state's) and logs to `writer`; returns the metrics.
+        """Evaluates `params` (default: the state's) on `split` and logs to `writer`.
 
+        Returns the metrics, named `PREFIX/...`. `split` defaults to
+        `eval_split`; `prefix` to 'eval' for `config.task.eval_split` (the
+        split training evaluates on) and to the split's name for any other
+        (`test/bleu`), so a row never leaves its split in doubt.
         `eval_config` overrides fields of `config.eval`; `options` go to
         `evaluate.evaluate` (e.g. `predictions_path`).
         """
+        split = split or self.eval_split
+        if prefix is None:
+            prefix = "eval" if split == self.config.task.eval_split else split
+        source = self.split_source(split)
         params = self.state.params if params is None else params
         if gold.has_gold(self.task, self.config.task.tokenizer):
-            options.setdefault("pointing", functools.partial(self._pointing, params))
+            options.setdefault("pointing", functools.partial(self._pointing, params, split=split))
         merged = ml_collections.ConfigDict(self.config.eval.to_dict())
         merged.update(eval_config or {})
-        with jax.set_mesh(self.mesh):
+        with self.mesh_context():
             results, pictures = evaluate.evaluate(
                 model=nnx.merge(self.graphdef, params, self.rest),
                 params=params,
                 eval_step=self.eval_step,
-                batches=self.eval_batches(),
+                batches=self.eval_batches(split),
                 tokenizer=self.tokenizer,
                 eval_config=merged,
                 max_target_length=self.config.task.max_target_length,
                 captions=self.captions,
                 plot_dir=plot_dir,
-                references_of=lambda index: self.task.references(self.eval_source[index]),
-                sources_of=self.source_text,
+                references_of=lambda index: self.task.references(source[index]),
+                sources_of=functools.partial(self.source_text, split=split),
                 **options,
             )
         results = {k.replace("eval/", f"{prefix}/", 1): v for k, v in results.items()}
@@ -349,6 +444,26 @@ def _alignment_fn(graphdef: Any, rest: Any) -> Callable[..., jax.Array]:
         return steps.forward(model, batch, train=False, return_weights=True)[1]["alignment"]
 
     return jax.jit(alignment)
+
+
+def vocab_without_data(config: ml_collections.ConfigDict, workdir: str | None) -> tuple[int, str]:
+    """The vocabulary size the modes without data use, and where it came from.
+
+    The run's own vocabulary (`WORKDIR/vocab`) if there is one, else the byte
+    tokenizer's, else `config.task.vocab_size`, else a placeholder of 256.
+    """
+    vocab_file = os.path.join(workdir, "vocab", tokenizers.TOKENIZER_FILE) if workdir else None
+    if vocab_file and os.path.isfile(vocab_file):
+        vocab = tokenizers.load_tokenizer(os.path.dirname(vocab_file)).vocab_size
+        return vocab, f"the run's vocabulary, {vocab_file}"
+    if config.task.tokenizer == "byte":
+        return tokenizers.ByteTokenizer().vocab_size, "the byte tokenizer"
+    if config.task.get("vocab_size"):
+        return config.task.vocab_size, "config.task.vocab_size"
+    return 256, (
+        "a placeholder: the character vocabulary comes from the training data; "
+        "pass the --workdir of a run to count its own"
+    )
 
 
 def model_summary(

@@ -16,7 +16,8 @@ axes it maps to, or when an earlier axis of the same array already took
 that mesh axis; so one table serves every model size and mesh.
 """
 
-from collections.abc import Mapping, Sequence
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -148,6 +149,17 @@ def batch_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> NamedSharding:
     """Sharding of input batches: the leading axis over the 'batch' rule's mesh axes."""
     axes = dict(rules).get("batch")
     return NamedSharding(mesh, PartitionSpec(axes))
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[None]:
+    """`jax.set_mesh(mesh)` with `rules` as Flax's logical-axis rules, for tracing steps.
+
+    Kernels that run per device under `jax.shard_map` (splash attention) read
+    the rules to split their 'batch' and 'heads' axes over the mesh.
+    """
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+        yield
 
 
 def parse_rules(rules: Sequence[Sequence[Any]] | Mapping[str, Any] | None) -> Rules:

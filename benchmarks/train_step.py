@@ -2,8 +2,9 @@
 
 The step is the training loop's own (`attnx.training.steps.make_train_step`:
 forward, masked cross-entropy, backward, Adam; compiled once with `jax.jit`,
-the state donated), on the settings that `../shared/peers/` times in PyTorch
-and plain Flax (its README lists them), so that the lines compare one to one:
+the state donated), on the settings that the peers in `benchmarks/peers/`
+time in PyTorch and plain Flax (`benchmarks/peers/settings.py`), so that the
+lines compare one to one (`python -m benchmarks.compare` alternates them):
 
   transformer  vocab 8000 shared and tied, d_model 256, 4 heads, ff 1024,
                3+3 layers, dropout 0.1, sinusoidal, post-LN; 64 x 64, batch 32
@@ -15,31 +16,27 @@ and plain Flax (its README lists them), so that the lines compare one to one:
                128, attention 256, doubly stochastic term (lambda 1); vocab
                16, 8 tokens, batch 64
 
-Known differences from the peers: attnx's RNNsearch decoder has the paper's
-maxout deep output (here 256 units) where the peer has a tanh layer, and its
-decoder starts from tanh(W h<-_1) of the backward encoder; ConvS2S keeps its
-weight normalisation. Batches are random tokens, each row half to full length,
+The PyTorch peers follow the same equations (RNNsearch's maxout deep output
+and s_0 = tanh(W h<-_1), ConvS2S's weight normalisation); parameter counts
+differ only by PyTorch's second LSTM bias and the captioner's deep-output
+bias. Batches are random tokens, each row half to full length,
 eos last, as the peers draw them.
 
 Each line: model, framework 'attnx', mode 'jit', params, batch,
 step_ms_median, step_ms_min, tokens_per_s (target tokens per second at the
-median), warmup_s (tracing, compilation and the warm-up steps), peak_rss_mb,
-and other_load (cores other processes used while timing, from the peers'
-machine_load.py when `--peers_dir` has it, else null).
+median), warmup_s (tracing, compilation and the warm-up steps), compile_s
+(tracing and compilation alone), gflop_per_step (XLA's cost analysis of the
+compiled step: the FLOPs that MFU divides by, for attnx and its peers alike),
+peak_rss_mb, and other_load (cores other processes used while timing).
 
-  python benchmarks/train_step.py --models transformer --wait_idle 600
-  # alternate with the peers, fresh processes, and compare medians:
-  for i in 1 2 3; do
-    python benchmarks/train_step.py --models transformer
-    python ../shared/peers/flax_reference.py
-    python ../shared/peers/torch_peers.py --models transformer --modes eager
-  done
+  python -m benchmarks.train_step --models transformer --wait_idle 600
+  # attnx and its peers alternated over fresh processes, medians and ratios:
+  python -m benchmarks.compare --models transformer
 """
 
 import argparse
 import json
 import os
-import resource
 import statistics
 import sys
 import time
@@ -52,6 +49,10 @@ from flax import nnx
 
 from attnx.models import build_model, make_loss_terms, make_model_config, spec_of
 from attnx.training import steps
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.peers import machine  # noqa: E402
 
 PAD, EOS = 0, 2
 MODELS = ("transformer", "rnn", "convs2s", "spatial")
@@ -117,12 +118,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--peers_dir",
-        default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "peers"),
-        help="where machine_load.py is (to record other processes' load)",
-    )
-    parser.add_argument(
-        "--wait_idle", type=float, default=0.0, help="wait up to S seconds for an idle machine"
+        "--wait_idle",
+        "--wait-idle",
+        type=float,
+        default=0.0,
+        help="wait up to S seconds for an idle machine",
     )
     args = parser.parse_args()
     unknown = sorted(set(args.models.split(",")) - set(MODELS))
@@ -156,17 +156,16 @@ def make_batch(setting: dict, seed: int) -> dict[str, jax.Array]:
     return {name: jnp.asarray(value) for name, value in batch.items()}
 
 
-def load_window(peers_dir: str):
-    """The peers' `machine_load` module, or None when it is not there."""
-    if not os.path.isfile(os.path.join(peers_dir, "machine_load.py")):
-        return None
-    sys.path.insert(0, os.path.abspath(peers_dir))
-    import machine_load  # on sys.path only now
+def step_flops(compiled) -> float | None:
+    """FLOPs of one call of a compiled function, from XLA's cost analysis (None if absent)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, list | tuple):  # older jax: one dict per computation
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops is not None and flops > 0 else None
 
-    return machine_load
 
-
-def time_model(name: str, args: argparse.Namespace, machine_load) -> dict:
+def time_model(name: str, args: argparse.Namespace) -> dict:
     setting = SETTINGS[name]
     vocab = setting["vocab"]
     captions = spec_of(setting["model"]["name"]).source_kind == "image"
@@ -185,29 +184,34 @@ def time_model(name: str, args: argparse.Namespace, machine_load) -> dict:
     train = {"attention_penalty": setting.get("attention_penalty", 0.0)}
     loss_terms = make_loss_terms(setting["model"]["name"], model_config, train)
     state = steps.TrainState.create(params, optimizer, jax.random.key(args.seed + 2), loss_terms)
-    train_step = jax.jit(
-        steps.make_train_step(
-            graphdef, rest, optimizer, label_smoothing=0.0, loss_terms=loss_terms
-        ),
-        donate_argnums=0,
-    )
     batch = make_batch(setting, args.seed)
-    for _ in range(1 + args.warmup):  # the first call compiles
+    compile_start = time.perf_counter()
+    # Compiled ahead of time (once, the same program `jax.jit` would run) so that
+    # XLA's cost analysis of exactly this step gives the FLOPs.
+    train_step = (
+        jax.jit(
+            steps.make_train_step(
+                graphdef, rest, optimizer, label_smoothing=0.0, loss_terms=loss_terms
+            ),
+            donate_argnums=0,
+        )
+        .lower(state, batch)
+        .compile()
+    )
+    compile_s = time.perf_counter() - compile_start
+    flops = step_flops(train_step)
+    for _ in range(1 + args.warmup):
         state, sums = train_step(state, batch)
         jax.block_until_ready((state, sums))
     warmup_s = time.perf_counter() - start
 
-    window = machine_load.Window() if machine_load else None
-    if window:
-        window.__enter__()
     times_ms = []
-    for _ in range(args.steps):
-        begin = time.perf_counter()
-        state, sums = train_step(state, batch)
-        jax.block_until_ready((state, sums))
-        times_ms.append((time.perf_counter() - begin) * 1e3)
-    if window:
-        window.__exit__(None, None, None)
+    with machine.LoadWindow() as window:
+        for _ in range(args.steps):
+            begin = time.perf_counter()
+            state, sums = train_step(state, batch)
+            jax.block_until_ready((state, sums))
+            times_ms.append((time.perf_counter() - begin) * 1e3)
 
     loss = float(sums["loss"][0]) / float(sums["loss"][1])
     if not np.isfinite(loss):
@@ -226,19 +230,19 @@ def time_model(name: str, args: argparse.Namespace, machine_load) -> dict:
         step_ms_min=round(min(times_ms), 2),
         tokens_per_s=round(setting["batch"] * setting["target_length"] / (median / 1e3), 1),
         warmup_s=round(warmup_s, 2),
-        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+        compile_s=round(compile_s, 2),
+        gflop_per_step=round(flops / 1e9, 2) if flops else None,
+        peak_rss_mb=machine.peak_rss_mb(),
         loss=round(loss, 4),
-        other_load=window.result["other_load"] if window else None,
+        other_load=window.other_load,
     )
 
 
 def main() -> None:
     args = parse_args()
-    machine_load = load_window(args.peers_dir)
     for name in args.models.split(","):
-        if args.wait_idle and machine_load:
-            machine_load.wait_for_idle(args.wait_idle, label=name)
-        print(json.dumps(time_model(name, args, machine_load)), flush=True)
+        machine.wait_for_idle(args.wait_idle)
+        print(json.dumps(time_model(name, args)), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,19 @@
 """The BUILD.md table: every paper setting's training step compiled for TPU topologies.
 
-  python benchmarks/compile_table.py [--topologies=v5e:2x2,v5e:4x4,v4:2x2x2] [EXPERIMENT ...]
+  python benchmarks/compile_table.py [--topologies=v5e:2x2,v5e:4x4,v4:2x2x2] \
+      [--jsonl=benchmarks/results/compile_table.jsonl] [EXPERIMENT ...]
 
 Runs `python -m attnx.main --mode=compile --config.compile.steps=train` once
 per (experiment, topology) on this machine (libtpu: `pip install -e '.[aot]'`;
 no TPU, no data), prints each JSON line as it comes, then one Markdown table
 of them. The mesh is each experiment's own (`config.mesh`, pure data
 parallelism by default).
+
+A paper setting's step takes the TPU compiler 10 to 20 minutes on two CPU
+cores, so each line is appended to `--jsonl` as soon as it comes, and a
+(experiment, topology) pair already there is read back instead of compiled
+again: an interrupted table resumes where it stopped. Delete the file (or
+the pair's line) to measure again.
 """
 
 import argparse
@@ -52,17 +59,39 @@ def compile_line(experiment: str, topology: str) -> dict:
     return line
 
 
+def read_lines(path: str) -> dict[tuple[str, str], dict]:
+    """The lines already measured, by (experiment, topology); none if the file is absent."""
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        lines = [json.loads(line) for line in f if line.strip()]
+    return {(line["experiment"], line["topology"]): line for line in lines}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--topologies", default=TOPOLOGIES)
+    parser.add_argument(
+        "--jsonl",
+        default=os.path.join(ROOT, "benchmarks", "results", "compile_table.jsonl"),
+        help="measured lines: appended to, and read back instead of compiling again",
+    )
     parser.add_argument("experiments", nargs="*", default=PAPER_SETTINGS)
     args = parser.parse_args()
+    done = read_lines(args.jsonl)
+    os.makedirs(os.path.dirname(os.path.abspath(args.jsonl)), exist_ok=True)
     rows = []
-    for experiment in args.experiments:
-        for topology in args.topologies.split(","):
-            line = compile_line(experiment, topology)
+    # Topology-major: every setting on the smallest slice first.
+    for topology in args.topologies.split(","):
+        for experiment in args.experiments:
+            line = done.get((experiment, topology))
+            if line is None:
+                line = compile_line(experiment, topology)
+                with open(args.jsonl, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(line) + "\n")
             print(json.dumps(line), flush=True)
             rows.append(line)
+    rows.sort(key=lambda r: (args.experiments.index(r["experiment"]), r["topology"]))
     print()
     print(
         "| experiment | topology | mesh (data, fsdp, tensor) | memory per chip | HBM | fits "

@@ -17,6 +17,21 @@ def _needs_libtpu():
     pytest.importorskip("libtpu", reason="--mode=compile needs libtpu: pip install -e '.[aot]'")
 
 
+@pytest.fixture(autouse=True)
+def tpu_matmul_precision():
+    """The matmul precision a TPU run has, not conftest's 'highest'.
+
+    'highest' is for the CPU tests' f32 references; on TPU it turns every
+    matmul into six bf16 passes, which a real run does not do and which makes
+    the TPU compiler several times slower (the tiny captioner: 121 s against
+    33 s on data=4, and over half an hour with 14 GiB on data=2 x tensor=2).
+    """
+    import jax
+
+    with jax.default_matmul_precision("default"):
+        yield
+
+
 def _config(experiment: str, **overrides):
     spec = importlib.util.spec_from_file_location(
         f"experiment_{experiment}", ROOT / "experiments" / f"{experiment}.py"

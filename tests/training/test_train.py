@@ -69,6 +69,15 @@ def metrics(workdir) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
+def final_metrics(workdir) -> dict:
+    """Every row of the last step merged: validation, then the test split's final evaluation."""
+    merged = {}
+    for row in metrics(workdir):
+        if row["step"] == STEPS:
+            merged.update(row)
+    return merged
+
+
 def train_loss(workdir, step=STEPS) -> float:
     return next(
         m["train/loss"] for m in metrics(workdir) if m["step"] == step and "train/loss" in m
@@ -188,12 +197,12 @@ def test_same_loss_in_two_processes_as_in_one(two_process_run, single_device_run
     np.testing.assert_allclose(
         train_loss(workdir), train_loss(single_device_run), rtol=TRAIN_LOSS_RTOL
     )
-    final = {name: metrics(name)[-1] for name in (workdir, single_device_run)}
+    final = {name: final_metrics(name) for name in (workdir, single_device_run)}
     np.testing.assert_allclose(
         final[workdir]["eval/loss"], final[single_device_run]["eval/loss"], rtol=EVAL_LOSS_RTOL
     )
     # Counts: every evaluation example read once, by one of the processes.
-    for key in ("eval/exact_match", "eval/decoded_examples"):
+    for key in ("eval/exact_match", "eval/decoded_examples", "test/exact_match"):
         assert final[workdir][key] == final[single_device_run][key], key
     assert (workdir / "checkpoints" / str(STEPS)).is_dir()
 

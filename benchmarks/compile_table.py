@@ -76,6 +76,11 @@ def main() -> None:
         default=os.path.join(ROOT, "benchmarks", "results", "compile_table.jsonl"),
         help="measured lines: appended to, and read back instead of compiling again",
     )
+    parser.add_argument(
+        "--measured-only",
+        action="store_true",
+        help="print the table of the lines already in --jsonl; compile nothing",
+    )
     parser.add_argument("experiments", nargs="*", default=PAPER_SETTINGS)
     args = parser.parse_args()
     done = read_lines(args.jsonl)
@@ -85,6 +90,8 @@ def main() -> None:
     for topology in args.topologies.split(","):
         for experiment in args.experiments:
             line = done.get((experiment, topology))
+            if line is None and args.measured_only:
+                continue
             if line is None:
                 line = compile_line(experiment, topology)
                 with open(args.jsonl, "a", encoding="utf-8") as f:

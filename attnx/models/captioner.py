@@ -141,6 +141,7 @@ class Captioner(nnx.Module):
                 cfg.conv_blocks,
                 pool_last_block=cfg.pool_last_block,
                 conv_implementation=cfg.conv_implementation,
+                coord_channels=cfg.coord_channels,
                 dtype=cfg.dtype,
                 param_dtype=pdt,
                 rngs=rngs,

@@ -32,6 +32,10 @@ class CaptionerConfig:
       pool_last_block: max-pool after the last conv block ('conv').
       conv_implementation: 'xla', 'patches' or None (the backend's faster;
         `attnx.models.image_encoders.resolve_conv_implementation`).
+      coord_channels: give the 'conv' encoder each pixel's row and column as
+        two more input channels (CoordConv), so that annotation vectors know
+        where they are; not in the paper, needed where captions have a
+        reading order (`attnx.models.image_encoders`).
       feature_dim: C of precomputed features ('features'; ignored otherwise).
       embed_dim: m, word embedding size (also the deep output size, eq. 7).
       hidden_dim: n, LSTM size.
@@ -57,6 +61,7 @@ class CaptionerConfig:
     conv_blocks: tuple[tuple[int, ...], ...] = DIGITS_BLOCKS
     pool_last_block: bool = True
     conv_implementation: str | None = None
+    coord_channels: bool = False
     feature_dim: int | None = None
     embed_dim: int = 128
     hidden_dim: int = 256
@@ -84,6 +89,11 @@ class CaptionerConfig:
             )
         if self.encoder == "features" and (self.feature_dim is None or self.feature_dim < 1):
             raise ValueError("CaptionerConfig: encoder='features' needs feature_dim >= 1")
+        if self.encoder == "features" and self.coord_channels:
+            raise ValueError(
+                "CaptionerConfig: coord_channels adds channels to the image of the 'conv' "
+                "encoder; precomputed features (encoder='features') have no image"
+            )
         self.mechanism  # noqa: B018  (refuses what the captioner cannot do, naming the key)
         if self.hard_eval not in ("expectation", "argmax"):
             raise ValueError(

@@ -21,6 +21,15 @@ Three encoders produce that `[batch, H, W, C]` grid:
   Inputs are expected already normalised (e.g. mean-subtracted RGB).
 * `PrecomputedFeatures`: the identity on feature maps computed elsewhere.
 
+`ConvEncoder(coord_channels=True)` appends two channels holding each pixel's
+row and column (scaled to [-1, 1]) to the image, CoordConv (Liu et al. 2018,
+"An intriguing failing of convolutional neural networks and the CoordConv
+solution"). A convolution is translation-equivariant, so without them an
+annotation vector a_i says what is in region i but hardly where region i is
+(only zero padding near the border leaks it), and f_att(a_i, h) cannot prefer
+"the region right of the one read last". Natural-image captions need no
+reading order; digit strings do.
+
 Parameters carry logical axis names: a convolution kernel `[kh, kw, in, out]`
 is named `(None, 'conv_width', None, 'channels')` (only the output channels
 are worth sharding; one name may not appear twice in a parameter).
@@ -180,6 +189,8 @@ class ConvEncoder(nnx.Module):
       pool_last_block: max-pool after the last block too. False for the
         paper's VGG features, which are taken before the last pool (sec. 4.3).
       conv_implementation: `Conv2D`'s implementation (None: the backend's faster).
+      coord_channels: append the pixel's row and column in [-1, 1] as two more
+        input channels (CoordConv), so that the features know where they are.
 
     Each pool halves H and W, so the grid is `image_size / 2**pools` per side.
     """
@@ -191,6 +202,7 @@ class ConvEncoder(nnx.Module):
         *,
         pool_last_block: bool = True,
         conv_implementation: str | None = None,
+        coord_channels: bool = False,
         dtype: jnp.dtype = jnp.float32,
         param_dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
@@ -205,9 +217,10 @@ class ConvEncoder(nnx.Module):
         self.in_channels = in_channels
         self.blocks = tuple(tuple(block) for block in blocks)
         self.pool_last_block = pool_last_block
+        self.coord_channels = coord_channels
         self.num_pools = len(self.blocks) - (0 if pool_last_block else 1)
         layers = []
-        channels = in_channels
+        channels = in_channels + (2 if coord_channels else 0)
         for block in self.blocks:
             for out in block:
                 layers.append(
@@ -242,7 +255,7 @@ class ConvEncoder(nnx.Module):
                 f"ConvEncoder: images {images.shape[1:3]} are too small for "
                 f"{self.num_pools} 2x2 poolings"
             )
-        x = images
+        x = with_coordinates(images) if self.coord_channels else images
         index = 0
         for block_index, block in enumerate(self.blocks):
             for _ in block:
@@ -251,6 +264,17 @@ class ConvEncoder(nnx.Module):
             if block_index < len(self.blocks) - 1 or self.pool_last_block:
                 x = max_pool_2x2(x)
         return x
+
+
+def with_coordinates(images: Array) -> Array:
+    """Images `[batch, h, w, c]` -> `[batch, h, w, c + 2]`: row, then column, each in [-1, 1]."""
+    batch, height, width, _ = images.shape
+    if not jnp.issubdtype(images.dtype, jnp.floating):
+        images = images.astype(jnp.float32)
+    rows = jnp.linspace(-1.0, 1.0, height, dtype=images.dtype)
+    cols = jnp.linspace(-1.0, 1.0, width, dtype=images.dtype)
+    grid = jnp.stack(jnp.meshgrid(rows, cols, indexing="ij"), axis=-1)
+    return jnp.concatenate([images, jnp.broadcast_to(grid, (batch, height, width, 2))], axis=-1)
 
 
 def vgg19_encoder(

@@ -471,6 +471,8 @@ def test_bad_inputs_are_named(soft_model, batch):
         tiny(attention=AttentionConfig(kind="sparse"))
     with pytest.raises(ValueError, match="feature_dim"):
         CaptionerConfig(encoder="features")
+    with pytest.raises(ValueError, match="coord_channels"):
+        CaptionerConfig(encoder="features", feature_dim=8, coord_channels=True)
     with pytest.raises(ValueError, match="'location' and 'sampled'"):
         logits, weights = soft_model.decode(tgt_in, encoded, return_weights=True)
         hard_attention_loss(logits, tgt_in, weights, 0.0)

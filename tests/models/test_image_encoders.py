@@ -62,3 +62,19 @@ def test_encoder_is_the_same_function_with_either_convolution():
         for name in ("xla", "patches")
     ]
     np.testing.assert_allclose(encoders[1](images), encoders[0](images), rtol=1e-5, atol=1e-5)
+
+
+def test_coord_channels_are_the_pixel_row_and_column():
+    coord = ConvEncoder(1, ((4,), (6,)), coord_channels=True, rngs=nnx.Rngs(0))
+    plain = ConvEncoder(3, ((4,), (6,)), rngs=nnx.Rngs(0))  # the same kernels, 3 input channels
+    images = jax.random.uniform(jax.random.key(1), (2, 8, 12, 1))
+    rows, cols = np.meshgrid(np.linspace(-1, 1, 8), np.linspace(-1, 1, 12), indexing="ij")
+    by_hand = np.concatenate(
+        [np.asarray(images), np.broadcast_to(np.stack([rows, cols], -1), (2, 8, 12, 2))], -1
+    )
+    np.testing.assert_allclose(coord(images), plain(jnp.asarray(by_hand)), rtol=1e-5, atol=1e-6)
+    # A blank canvas: without the coordinates every interior cell reads the same; with them, not.
+    blank = jnp.zeros((1, 16, 16, 1))
+    no_coord = ConvEncoder(1, ((4,), (6,)), rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(no_coord(blank)[0, 1, 1], no_coord(blank)[0, 2, 2], atol=1e-7)
+    assert not np.allclose(coord(blank)[0, 1, 1], coord(blank)[0, 2, 2])

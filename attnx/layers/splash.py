@@ -39,7 +39,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-from flax.core import spmd
 from jax.experimental.pallas.ops.tpu.splash_attention import (
     splash_attention_kernel as splash_kernel,
 )
@@ -49,6 +48,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import (
 
 from attnx.layers.attention import target_platform
 from attnx.layers.masks import MaskSpec
+from attnx.layers.mesh_axes import mesh_axes
 
 P = jax.sharding.PartitionSpec
 
@@ -161,25 +161,6 @@ def _apply_kernel(spec, q, k, v, q_ids, kv_ids, interpret: bool) -> Array:
     )
 
 
-def _mesh_axes(mesh, logical: str, size: int) -> tuple[str, ...] | None:
-    """The mesh axes that split an axis of `size` named `logical`, or None.
-
-    From the logical-axis rules in context; without rules, 'batch' takes every
-    mesh axis and the rest none. Axes of size 1 are dropped; if the others do
-    not divide `size`, the axis stays whole (as in attnx's sharding rules).
-    """
-    rules = dict(spmd.get_logical_axis_rules() or ())
-    if rules:
-        axes = rules.get(logical)
-        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    else:
-        axes = tuple(mesh.axis_names) if logical == "batch" else ()
-    axes = tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
-    if not axes or size % math.prod(mesh.shape[a] for a in axes):
-        return None
-    return axes
-
-
 def _sharded_kernel(mesh, spec, q, k, v, q_ids, kv_ids, interpret: bool) -> Array:
     """The kernel under `jax.shard_map`: each device runs it on its rows and heads.
 
@@ -189,8 +170,8 @@ def _sharded_kernel(mesh, spec, q, k, v, q_ids, kv_ids, interpret: bool) -> Arra
     """
     batch, num_heads = q.shape[:2]
     num_kv_heads = k.shape[1]
-    batch_axes = _mesh_axes(mesh, "batch", batch)
-    head_axes = _mesh_axes(mesh, "heads", num_heads)
+    batch_axes = mesh_axes(mesh, "batch", batch)
+    head_axes = mesh_axes(mesh, "heads", num_heads)
     if head_axes is not None:
         used = set(batch_axes or ())
         shards = math.prod(mesh.shape[a] for a in head_axes)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from attnx.layers.mesh_axes import split_over_batch_only
 from attnx.layers.multi_step import MultiStepAttention
 from attnx.layers.params import param
 
@@ -180,10 +181,20 @@ class WeightNormConv(nnx.Module):
         return _normalized(self.direction[...], gain, (0, 1))
 
     def __call__(self, x: Array) -> Array:
-        """Whole sequences: `[batch, t, C_in]` -> `[batch, t, C_out]`."""
+        """Whole sequences: `[batch, t, C_in]` -> `[batch, t, C_out]`.
+
+        The input is laid out with its rows split over the batch axes and its
+        channels whole before the convolution: with jax 0.10.2 (Shardy and
+        GSPMD alike) XLA's SPMD partitioner otherwise miscompiles the
+        convolution's gradient when its input comes from a product with an
+        fsdp- and tensor-split kernel on a mesh with data, fsdp and tensor axes
+        of 2 (a ConvS2S train step's gradients were off by up to 70%;
+        tests/training/test_architecture_sharding.py checks the step).
+        """
         k = self.width
         pads = (k - 1, 0) if self.padding == "causal" else ((k - 1) // 2, k // 2)
         dt = self.dtype
+        x = split_over_batch_only(x)
         y = jax.lax.conv_general_dilated(
             x.astype(dt),
             self.kernel().astype(dt),

@@ -153,7 +153,18 @@ def build_model_parts(
         params = jax.lax.with_sharding_constraint(
             nnx.split(create_model(), nnx.Param, ...)[1], param_shardings
         )
-        return steps.TrainState.create(params, optimizer, jax.random.key(seed + 2), loss_terms)
+        state = steps.TrainState.create(params, optimizer, jax.random.key(seed + 2), loss_terms)
+        # Adam's zero moments do not depend on the parameters' values, so nothing
+        # would tell XLA to lay them out like the parameters: every device would
+        # hold all of them (two thirds of the state) whatever fsdp and tensor say.
+        opt_state = optax.tree_map_params(
+            optimizer,
+            jax.lax.with_sharding_constraint,
+            state.opt_state,
+            param_shardings,
+            is_leaf=lambda x: isinstance(x, nnx.Variable),
+        )
+        return state.replace(opt_state=opt_state)
 
     return ModelParts(
         model_config=model_config,

@@ -51,9 +51,11 @@ CASES = {
     # Estimates (the warm-up of numbers_transformer is 1,000 steps).
     "numbers_convs2s": ("numbers_data_dir", 800, {"eval/accuracy": 0.5}),
     "numbers_transformer": ("numbers_data_dir", 1200, {"eval/accuracy": 0.5}),
-    # Estimates from the README: soft attention at step 1000 had exact match 0.342;
-    # hard attention at step 800 had 0.186.
-    "digits_spatial": ("digits_data_dir", 500, {"eval/digit_accuracy": 0.3}),
+    # Soft attention with coordinates (the experiment's docstring): validation digit
+    # accuracy 0.22 at step 500 and 0.93 at step 1000 (the loss falls between them);
+    # measured with this test's command: see the note below. Hard attention: an
+    # estimate from step 800 of the README's run (exact match 0.186).
+    "digits_spatial": ("digits_data_dir", 800, {"eval/digit_accuracy": 0.5}),
     "digits_spatial:hard": ("digits_data_dir", 500, {"eval/digit_accuracy": 0.2}),
 }
 

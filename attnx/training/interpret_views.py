@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from attnx.data.tokenizers import EOS_ID
 from attnx.interpret import figures as figures_lib
 from attnx.interpret import spatial_figures
 from attnx.interpret.example_views import example_maps, kind_of
@@ -27,8 +28,15 @@ _SOURCE_KINDS = ("cross", "multi-step", "global", "spatial")
 
 
 def _token_labels(tokenizer: Any, ids: np.ndarray) -> list[str]:
-    """One label per real token (evaluation's labels), then '</s>' (the eos row or column)."""
-    return [*evaluate.token_labels(tokenizer, np.asarray(ids)), "</s>"]
+    """One label per real token (evaluation's labels), then '</s>' if the eos is there.
+
+    A hypothesis that reached the length limit without emitting eos has no eos
+    row, so it gets no '</s>' label.
+    """
+    ids = np.asarray(ids)
+    labels = evaluate.token_labels(tokenizer, ids)
+    ended = len(labels) < len(ids) and int(ids[len(labels)]) == EOS_ID
+    return [*labels, "</s>"] if ended else labels
 
 
 def _png_base64(image: np.ndarray) -> str:

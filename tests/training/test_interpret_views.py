@@ -1,6 +1,9 @@
-"""interpret_views.hypothesis_boxes: which gold box each decoded token's panel shows."""
+"""interpret_views: which gold box each decoded token's panel shows; a page example's labels."""
 
-from attnx.training.interpret_views import hypothesis_boxes
+import numpy as np
+
+from attnx.interpret.example_views import example_maps
+from attnx.training.interpret_views import _token_labels, hypothesis_boxes
 
 GOLD = [[0, 0, 10, 10], [0, 12, 10, 22], [0, 24, 10, 34]]
 
@@ -19,3 +22,22 @@ def test_a_longer_or_shorter_hypothesis_never_reads_past_the_gold():
     longer = hypothesis_boxes(GOLD[:2], ["1", "2", "5", "</s>"], "12")
     assert longer == [GOLD[0], GOLD[1], None, None]
     assert hypothesis_boxes(GOLD, ["3", "</s>"], "307") == [GOLD[0], None]
+
+
+class _Characters:
+    """Token ids 4.. are the letters a.. (0 pad, 1 bos, 2 eos, 3 unk)."""
+
+    def decode(self, ids):
+        return "".join(chr(ord("a") + i - 4) for i in ids)
+
+
+def test_a_hypothesis_cut_at_the_length_limit_has_no_eos_label():
+    # The run that found this: an untrained numbers_convs2s:tiny filled all 72
+    # positions without eos; '</s>' made 73 labels against a 72-row map.
+    ended, cut = np.array([4, 5, 2, 0]), np.array([4, 5, 6])
+    assert _token_labels(_Characters(), ended) == ["a", "b", "</s>"]
+    assert _token_labels(_Characters(), cut) == ["a", "b", "c"]
+    source = _token_labels(_Characters(), np.array([4, 2]))
+    weights = {"decoder/layer_0/attention": np.full((3, 2), 0.5)}
+    [mean] = example_maps(weights, source, _token_labels(_Characters(), cut))
+    assert mean.query_labels == ["a", "b", "c"] and mean.key_labels == ["a", "</s>"]

@@ -53,7 +53,8 @@ CASES = {
     "numbers_transformer": ("numbers_data_dir", 1200, {"eval/accuracy": 0.5}),
     # Soft attention with coordinates (the experiment's docstring): validation digit
     # accuracy 0.22 at step 500 and 0.93 at step 1000 (the loss falls between them);
-    # measured with this test's command: see the note below. Hard attention: an
+    # with this test's command (2026-12-02, 2 shared cores, 18 min): step 800 digit
+    # accuracy 0.901, exact match 0.695, pointing 0.982. Hard attention: an
     # estimate from step 800 of the README's run (exact match 0.186).
     "digits_spatial": ("digits_data_dir", 800, {"eval/digit_accuracy": 0.5}),
     "digits_spatial:hard": ("digits_data_dir", 500, {"eval/digit_accuracy": 0.2}),

@@ -57,8 +57,8 @@ three other jobs (31 min of CPU time; the same run with a cosine schedule
 took 34 min beside one other job); not yet timed on an idle machine.
 
 `hard` (no coordinates: with them, at step 1500, exact match was 0.004 and
-the loss stuck at 1.78) has been run to step 800 only: exact match 0.186,
-BLEU-4 22.6.
+the loss stuck at 1.78) has been run to step 800 only (19 min): test exact
+match 0.283, digit accuracy 0.581, BLEU-4 31.4, pointing accuracy 0.618.
 """
 
 import ml_collections

@@ -25,7 +25,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from attnx import decoding
-from attnx.data.tokenizers import Tokenizer
+from attnx.data.tokenizers import EOS_ID, Tokenizer
 from attnx.interpret import alignment_output
 from attnx.interpret.plots import plot_alignment
 from attnx.training import metrics as metrics_lib
@@ -47,6 +47,18 @@ def token_labels(tokenizer: Tokenizer, ids: np.ndarray) -> list[str]:
             break
         labels.append(tokenizer.decode([int(token)]) or f"<{int(token)}>")
     return labels
+
+
+def token_labels_with_eos(tokenizer: Tokenizer, ids: np.ndarray) -> list[str]:
+    """`token_labels`, then '</s>' (the eos row or column of a map) if the eos is there.
+
+    A hypothesis that reached the length limit without emitting eos has no eos
+    row, so it gets no '</s>' label.
+    """
+    ids = np.asarray(ids)
+    labels = token_labels(tokenizer, ids)
+    ended = len(labels) < len(ids) and int(ids[len(labels)]) == EOS_ID
+    return [*labels, "</s>"] if ended else labels
 
 
 # The predictions file's columns, in order (its header row).
@@ -344,11 +356,11 @@ def evaluate(
                         _describe(unknown),
                     )
             if decoded < eval_config.num_plots:
-                target_labels = token_labels(tokenizer, sequences[row]) + ["</s>"]
+                target_labels = token_labels_with_eos(tokenizer, sequences[row])
                 if captions:
                     source_labels = [str(i) for i in range(alignments.shape[-1])]
                 else:
-                    source_labels = token_labels(tokenizer, sources[row]) + ["</s>"]
+                    source_labels = token_labels_with_eos(tokenizer, sources[row])
                 name = f"alignment_{decoded}"
                 path = None if plot_dir is None else os.path.join(plot_dir, f"{name}.png")
                 picture = plot_alignment(

@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from attnx.data.tokenizers import EOS_ID
 from attnx.interpret import figures as figures_lib
 from attnx.interpret import spatial_figures
 from attnx.interpret.example_views import example_maps, kind_of
@@ -25,18 +24,6 @@ from attnx.training import evaluate
 
 # The maps drawn in an example's head grid: those over the source.
 _SOURCE_KINDS = ("cross", "multi-step", "global", "spatial")
-
-
-def _token_labels(tokenizer: Any, ids: np.ndarray) -> list[str]:
-    """One label per real token (evaluation's labels), then '</s>' if the eos is there.
-
-    A hypothesis that reached the length limit without emitting eos has no eos
-    row, so it gets no '</s>' label.
-    """
-    ids = np.asarray(ids)
-    labels = evaluate.token_labels(tokenizer, ids)
-    ended = len(labels) < len(ids) and int(ids[len(labels)]) == EOS_ID
-    return [*labels, "</s>"] if ended else labels
 
 
 def _png_base64(image: np.ndarray) -> str:
@@ -73,7 +60,7 @@ def page_example(
       texts: (source, reference, hypothesis) as written to hypotheses.tsv.
       figures: path stem of the example's figures, or None for none.
     """
-    target_labels = _token_labels(run.tokenizer, sequence)
+    target_labels = evaluate.token_labels_with_eos(run.tokenizer, sequence)
     image = None
     if run.captions:
         picture = np.asarray(batch["image"][row])
@@ -82,7 +69,7 @@ def page_example(
         source_labels = [f"{r},{c}" for r in range(side) for c in range(side)]
         image = SourceImage(grid_shape=(side, side), png_base64=_png_base64(picture))
     else:
-        source_labels = _token_labels(run.tokenizer, batch["inputs"][row])
+        source_labels = evaluate.token_labels_with_eos(run.tokenizer, batch["inputs"][row])
     maps = example_maps(weights, source_labels, target_labels)
     t, s = len(target_labels), len(source_labels)
     maps.append(

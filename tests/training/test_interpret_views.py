@@ -1,9 +1,10 @@
-"""interpret_views: which gold box each decoded token's panel shows; a page example's labels."""
+"""interpret_views.hypothesis_boxes: which gold box each panel shows; a page example's labels."""
 
 import numpy as np
 
 from attnx.interpret.example_views import example_maps
-from attnx.training.interpret_views import _token_labels, hypothesis_boxes
+from attnx.training.evaluate import token_labels_with_eos
+from attnx.training.interpret_views import hypothesis_boxes
 
 GOLD = [[0, 0, 10, 10], [0, 12, 10, 22], [0, 24, 10, 34]]
 
@@ -35,9 +36,9 @@ def test_a_hypothesis_cut_at_the_length_limit_has_no_eos_label():
     # The run that found this: an untrained numbers_convs2s:tiny filled all 72
     # positions without eos; '</s>' made 73 labels against a 72-row map.
     ended, cut = np.array([4, 5, 2, 0]), np.array([4, 5, 6])
-    assert _token_labels(_Characters(), ended) == ["a", "b", "</s>"]
-    assert _token_labels(_Characters(), cut) == ["a", "b", "c"]
-    source = _token_labels(_Characters(), np.array([4, 2]))
+    assert token_labels_with_eos(_Characters(), ended) == ["a", "b", "</s>"]
+    assert token_labels_with_eos(_Characters(), cut) == ["a", "b", "c"]
+    source = token_labels_with_eos(_Characters(), np.array([4, 2]))
     weights = {"decoder/layer_0/attention": np.full((3, 2), 0.5)}
-    [mean] = example_maps(weights, source, _token_labels(_Characters(), cut))
+    [mean] = example_maps(weights, source, token_labels_with_eos(_Characters(), cut))
     assert mean.query_labels == ["a", "b", "c"] and mean.key_labels == ["a", "</s>"]

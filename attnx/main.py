@@ -28,7 +28,7 @@ import os
 from absl import flags, logging
 from ml_collections import config_flags
 
-from attnx import cli
+from attnx import cli, host_memory
 
 FLAGS = flags.FLAGS
 MODES = ("train", "eval", "decode", "visualize", "interpret", "summary", "compile")
@@ -117,6 +117,8 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Console-script entry point (`attnx`)."""
+    # Before JAX starts its threads: a step's temporaries are reused, not re-faulted.
+    host_memory.keep_freed_memory()
     cli.run(main)
 
 

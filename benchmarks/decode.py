@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from attnx import decoding
+from attnx import decoding, host_memory
 from attnx.models import build_model, make_model_config, spec_of
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
@@ -241,6 +241,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    host_memory.keep_freed_memory()  # as `python -m attnx.main` runs, before JAX starts
     for name in args.models.split(","):
         machine.wait_for_idle(args.wait_idle)
         for line in bench_model(name, args):

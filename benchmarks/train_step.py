@@ -47,6 +47,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from attnx import host_memory
 from attnx.models import build_model, make_loss_terms, make_model_config, spec_of
 from attnx.training import steps
 
@@ -165,29 +166,33 @@ def step_flops(compiled) -> float | None:
     return float(flops) if flops is not None and flops > 0 else None
 
 
-def time_model(name: str, args: argparse.Namespace) -> dict:
+def build_step(name: str, seed: int = 0) -> dict:
+    """The compiled training step of model `name` at its setting, with its state and batch.
+
+    Returns a dict: `step` (compiled ahead of time, once, the same program
+    `jax.jit` would run, so that XLA's cost analysis of exactly this step gives
+    the FLOPs; the state is donated), `state`, `batch`, `params` (count),
+    `compile_s` (tracing and compilation) and `flops` (per call, or None).
+    """
     setting = SETTINGS[name]
     vocab = setting["vocab"]
     captions = spec_of(setting["model"]["name"]).source_kind == "image"
     model_config = make_model_config(
         setting["model"], source_vocab_size=None if captions else vocab, target_vocab_size=vocab
     )
-    start = time.perf_counter()
     model = build_model(
         setting["model"]["name"],
         model_config,
-        rngs=nnx.Rngs(params=args.seed, dropout=args.seed + 1),
+        rngs=nnx.Rngs(params=seed, dropout=seed + 1),
     )
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     param_count = int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
     optimizer = optax.adam(1e-3)
     train = {"attention_penalty": setting.get("attention_penalty", 0.0)}
     loss_terms = make_loss_terms(setting["model"]["name"], model_config, train)
-    state = steps.TrainState.create(params, optimizer, jax.random.key(args.seed + 2), loss_terms)
-    batch = make_batch(setting, args.seed)
+    state = steps.TrainState.create(params, optimizer, jax.random.key(seed + 2), loss_terms)
+    batch = make_batch(setting, seed)
     compile_start = time.perf_counter()
-    # Compiled ahead of time (once, the same program `jax.jit` would run) so that
-    # XLA's cost analysis of exactly this step gives the FLOPs.
     train_step = (
         jax.jit(
             steps.make_train_step(
@@ -198,8 +203,22 @@ def time_model(name: str, args: argparse.Namespace) -> dict:
         .lower(state, batch)
         .compile()
     )
-    compile_s = time.perf_counter() - compile_start
-    flops = step_flops(train_step)
+    return dict(
+        step=train_step,
+        state=state,
+        batch=batch,
+        params=param_count,
+        compile_s=time.perf_counter() - compile_start,
+        flops=step_flops(train_step),
+    )
+
+
+def time_model(name: str, args: argparse.Namespace) -> dict:
+    setting = SETTINGS[name]
+    start = time.perf_counter()
+    built = build_step(name, args.seed)
+    train_step, state, batch = built["step"], built["state"], built["batch"]
+    compile_s, flops, param_count = built["compile_s"], built["flops"], built["params"]
     for _ in range(1 + args.warmup):
         state, sums = train_step(state, batch)
         jax.block_until_ready((state, sums))
@@ -240,6 +259,7 @@ def time_model(name: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     args = parse_args()
+    host_memory.keep_freed_memory()  # as `python -m attnx.main` runs, before JAX starts
     for name in args.models.split(","):
         machine.wait_for_idle(args.wait_idle)
         print(json.dumps(time_model(name, args)), flush=True)

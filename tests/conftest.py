@@ -23,6 +23,12 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# The allocator `python -m attnx.main` runs with (attnx/host_memory.py), before JAX
+# starts its threads; the end-to-end subprocesses set it themselves.
+from attnx import host_memory  # noqa: E402
+
+host_memory.keep_freed_memory()
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")

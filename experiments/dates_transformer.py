@@ -3,8 +3,10 @@
 The classic attention demo: the source spells the day, month and year in a
 locale's own words and order ("Sonntag, 3. März 1974", "3/4/74"...), the
 target is "1974-03-03". Character tokenizer, a small post-LN Transformer
-(Vaswani et al. 2017) with the paper's optimizer recipe (Adam 0.9/0.98,
-inverse-square-root warm-up) and label smoothing 0.1.
+(Vaswani et al. 2017) with the paper's Adam (0.9/0.98) and label smoothing 0.1,
+and a 200-step warm-up to 3e-3 followed by a half cosine to 0 over 3,000 steps
+(the paper's inverse square root kept the rate too high to settle: exact match
+0.979 after 3,000 steps).
 
 Command (CPU, this machine):
 
@@ -14,17 +16,22 @@ CPU smoke run (a few minutes of nothing but plumbing):
 
   python -m attnx.main --config=experiments/dates_transformer.py:tiny --workdir=/tmp/dates_tiny
 
-Expected result (measured on 2 CPU cores, 14 min): at step 3000 exact match
-0.979, BLEU 98.6, token accuracy 0.998 on 512 validation dates (beam 4); the
-attention plots align year digits, month names and day numbers.
+Expected result (measured 2026-12-02 on 2 CPU cores, 11.8 min with data
+generation): the best validation checkpoint (step 3000) scores exact match
+0.990, chrF 99.5, token accuracy 0.998 and pointing accuracy 0.964 on 512 test
+dates (beam 4); validation exact match 0.918 / 0.984 / 0.992 at steps
+1000 / 2000 / 3000. Issue 14's target is 0.998 in 10 min: not reached yet.
+The attention plots align year digits, month names and day numbers.
 
-Sweep (learning-rate multiplier x model width, 6 trials, one after another):
+Sweep (peak learning rate x model width, 6 trials, one after another):
 
   python -m attnx.sweep --config=experiments/dates_transformer.py --workdir=/tmp/dates_sweep
   python -m attnx.sweep --config=experiments/dates_transformer.py:tiny --workdir=/tmp/dates_sweep_tiny
 
-Attention as the axis (arg `axes`: the three architectures x the three
-normalizers, 9 trials, each at its 'small' size with this experiment's recipe):
+Attention as the axis (arg `axes`: five attention types (Transformer, RNN with
+Bahdanau, Luong global and Luong local-p attention, ConvS2S) x three normalizers
+(softmax, sparsemax, entmax-1.5), 15 trials, each at its 'small' size with this
+experiment's recipe):
 
   python -m attnx.sweep --config=experiments/dates_transformer.py:axes --workdir=/tmp/dates_axes
 
@@ -43,6 +50,23 @@ from attnx.training.optimizers import RECIPES
 # 'axes' chooses the sweep's trials; the config itself is the default one.
 OPTIONS = ("tiny", "axes")
 
+# The seq2seq attention types of the 'axes' sweep, each at its 'small' size: the
+# Transformer's scaled dot product, RNNsearch's additive attention, Luong's global
+# 'general' attention with input feeding and its local-p window (as in
+# experiments/dates_rnn.py), and ConvS2S's multi-step attention.
+# The keys that tell the types apart come first, so trial names (cut at 120
+# characters) stay readable.
+_LUONG = {"model.name": "rnn", "model.variant": "luong"}
+_LUONG_REST = {"model.attention.score": "general", "model.input_feeding": True}
+ATTENTION_TYPES = (
+    {"model.name": "transformer"},
+    {"model.name": "rnn"},
+    {**_LUONG, "model.attention.local": "none", **_LUONG_REST},
+    {**_LUONG, "model.attention.local": "local_p", "model.attention.window": 5, **_LUONG_REST},
+    {"model.name": "convs2s"},
+)
+NORMALIZERS = ["softmax", "sparsemax", "entmax15"]
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     options = parse_options(arg, OPTIONS, "experiments/dates_transformer.py")
@@ -55,9 +79,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # d_model 128, 4 heads, d_ff 512, 2 + 2 layers, dropout 0.1 ('small').
     set_model(config, "transformer", "small")
 
+    # The paper's Adam (0.9, 0.98, 1e-9) and label smoothing; its inverse square
+    # root schedule still had the learning rate at 0.0016 at step 3000 (exact
+    # match 0.979). A half cosine to 0 lets the last steps settle.
     config.train.update(RECIPES["transformer"])
-    config.train.learning_rate = 1.0
-    config.train.warmup_steps = 400
+    config.train.schedule = "cosine"
+    config.train.learning_rate = 3e-3
+    config.train.warmup_steps = 200
     config.train.label_smoothing = 0.1
     config.train.steps = 3000
     config.train.batch_size = 64
@@ -78,23 +106,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             num_decoder_layers=1,
         )
         smoke_run(config)
+        # A short warm-up, so that a smoke run of a few steps still has a cosine to follow.
+        config.train.warmup_steps = 2
     return config
 
 
 def sweep(arg: str | None = None) -> list[dict]:
     """Trials of `python -m attnx.sweep`.
 
-    Default: learning-rate multiplier x d_model (6 trials; 'tiny': 2).
-    'axes': model.name x model.attention.normalizer (9 trials; with 'tiny' too).
+    Default: peak learning rate x d_model (6 trials; 'tiny': 2).
+    'axes': the five attention types of `ATTENTION_TYPES` x the three normalizers
+    (15 trials; with 'tiny' too).
     """
     options = parse_options(arg, OPTIONS, "experiments/dates_transformer.py")
     if "axes" in options:
-        return product(
-            {
-                "model.name": ["transformer", "rnn", "convs2s"],
-                "model.attention.normalizer": ["softmax", "sparsemax", "entmax15"],
-            }
-        )
+        return [
+            {"model.attention.normalizer": normalizer, **mechanism}
+            for mechanism in ATTENTION_TYPES
+            for normalizer in NORMALIZERS
+        ]
     if "tiny" in options:
-        return product({"train.learning_rate": [0.5, 1.0]})
-    return product({"train.learning_rate": [0.5, 1.0, 2.0], "model.d_model": [64, 128]})
+        return product({"train.learning_rate": [1e-3, 2e-3]})
+    return product({"train.learning_rate": [1e-3, 3e-3, 1e-2], "model.d_model": [64, 128]})

@@ -2,10 +2,11 @@
 
 Gehring et al. (2017): GLU convolution blocks on both sides, a separate
 attention in every decoder block (multi-step attention), and the paper's
-optimizer (the `convs2s` recipe, sec. 4.3): Nesterov momentum 0.99,
-learning rate 0.25, gradients renormalised to norm 0.1, and the learning rate
-divided by 10 whenever the validation perplexity (`eval/perplexity`) stops
-improving (plateau schedule, checked at every evaluation). Character
+optimizer (the `convs2s` recipe, sec. 4.3: Nesterov momentum 0.99, learning
+rate 0.25, gradients renormalised to norm 0.1) with one change: the learning
+rate follows a half cosine to 0 over the 1,200 steps instead of the paper's
+division by 10 when the validation perplexity stops improving (see
+`get_config`; `--config.train.schedule=plateau` restores the paper's). Character
 tokenizer shared by both sides; sources up to 73 characters, targets up to
 65, so the learned position tables cover 128.
 
@@ -17,7 +18,11 @@ CPU smoke run:
 
   python -m attnx.main --config=experiments/numbers_convs2s.py:tiny --workdir=/tmp/numbers_convs2s_tiny
 
-Expected: see README results table.
+Expected (measured 2026-12-02 on 2 CPU cores): the best validation checkpoint
+(step 1200) scores exact match 1.000, chrF 100.0 on 512 test numbers (beam 4);
+validation exact match 0.988 / 1.000 / 1.000 at steps 400 / 800 / 1200. The run
+took 18.7 min with the test suite running beside it (1.5 steps/s before it
+started); issue 14's target is 10 min.
 """
 
 import ml_collections
@@ -40,13 +45,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     set_model(config, "convs2s", "small")
 
     config.train.update(RECIPES["convs2s"])
-    config.train.plateau_metric = "eval/perplexity"
-    config.train.steps = 6000
+    # The paper's plateau schedule lets the learning rate sit at 0.25 until the
+    # validation perplexity rises: here it reached exact match 0.996 by step 1000,
+    # then the perplexity rose 40-fold and exact match fell to 0.879 by step 2000
+    # before the plateau cut came. A half cosine from 0.25 to 0 over the run (the
+    # same Nesterov momentum and clipping) settles instead of diverging.
+    config.train.schedule = "cosine"
+    config.train.warmup_steps = 100
+    config.train.steps = 1200
     config.train.batch_size = 64
     config.train.log_every_steps = 100
 
-    config.checkpoint.every_steps = 1000
-    config.eval.every_steps = 1000
+    config.checkpoint.every_steps = 400
+    config.eval.every_steps = 400
     config.eval.max_examples = 512
 
     if arg == "tiny":

@@ -159,7 +159,7 @@ def test_tiny_sweep_runs_locally_and_tabulates(tmp_path):
         "--config.eval.max_examples=8",
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    names = ["train.learning_rate=0.5", "train.learning_rate=1.0"]
+    names = ["train.learning_rate=0.001", "train.learning_rate=0.002"]
     for name in names:
         metrics = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").open()]
         assert max(m["step"] for m in metrics) == 4
@@ -380,7 +380,7 @@ def test_load_sweep_executes_the_experiment_file_once(tmp_path):
 def test_failed_trials_are_named_with_their_cause_and_the_sweep_fails(tmp_path):
     # A live process (this test) holds every trial's workdir, so each trial refuses at
     # once, before compiling anything (the writer.lock contract of attnx.training.workdir).
-    names = ["train.learning_rate=0.5", "train.learning_rate=1.0"]
+    names = ["train.learning_rate=0.001", "train.learning_rate=0.002"]
     lock = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
@@ -453,7 +453,7 @@ def test_final_metrics_reads_only_the_training_record(tmp_path):
 
 def test_a_sweep_varies_the_architecture_and_the_attention():
     # Each trial switches model.name (every field of the new architecture, at the
-    # experiment's size) and sets an attention key; all 9 are built and validated.
+    # experiment's size) and sets an attention key; all 15 are built and validated.
     result = run_sweep(
         "--config=experiments/dates_transformer.py:axes,tiny",
         "--workdir=/tmp/unused_axes_root",
@@ -463,11 +463,44 @@ def test_a_sweep_varies_the_architecture_and_the_attention():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 9
+    assert len(lines) == 15
     for name in ("transformer", "rnn", "convs2s"):
         for normalizer in ("softmax", "sparsemax", "entmax15"):
             assert any(
-                f"--config.model.name={name} --config.model.attention.normalizer={normalizer}"
+                f"--config.model.attention.normalizer={normalizer} --config.model.name={name}"
                 in line
                 for line in lines
             ), (name, normalizer)
+
+
+def test_the_axes_sweep_crosses_five_attention_types_with_three_normalizers():
+    """experiments/dates_transformer.py:axes: issue 14's table, every cell a valid trial."""
+    module = ROOT / "experiments/dates_transformer.py"
+    trials = sweep.load_sweep(f"{module}:axes")
+    assert len(trials) == 15
+    cells = {
+        (
+            trial.get("model.name"),
+            trial.get("model.variant", "bahdanau" if trial.get("model.name") == "rnn" else None),
+            trial.get("model.attention.local"),
+            trial["model.attention.normalizer"],
+        )
+        for trial in trials
+    }
+    assert len(cells) == 15
+    assert {cell[3] for cell in cells} == {"softmax", "sparsemax", "entmax15"}
+    assert {cell[:3] for cell in cells} == {
+        ("transformer", None, None),
+        ("rnn", "bahdanau", None),
+        ("rnn", "luong", "none"),
+        ("rnn", "luong", "local_p"),
+        ("convs2s", None, None),
+    }
+    # Every trial builds and validates (keys, types, the architecture's choices).
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dates_transformer_axes", module)
+    experiment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(experiment)
+    names = sweep.check_trials(experiment.get_config("axes"), trials, check_mesh=False)
+    assert len(set(names)) == 15

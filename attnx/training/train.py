@@ -21,6 +21,7 @@ the test split, once (`test/...`, with `test/checkpoint_step`; and
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,6 +58,31 @@ def one_writer(workdir: str) -> Iterator[None]:
             lock.release()
 
 
+class TrainingClock:
+    """Steps per second of training alone: evaluations are timed out (`paused`)."""
+
+    def __init__(self) -> None:
+        self.started = False
+        self._start_time = 0.0
+        self._start_step = 0
+        self._paused_seconds = 0.0
+
+    def start(self, step: int) -> None:
+        self.started, self._start_time, self._start_step = True, time.monotonic(), step
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        begin = time.monotonic()
+        try:
+            yield
+        finally:
+            self._paused_seconds += time.monotonic() - begin
+
+    def steps_per_second(self, step: int) -> float:
+        seconds = time.monotonic() - self._start_time - self._paused_seconds
+        return round((step - self._start_step) / seconds, 3) if seconds > 0 else 0.0
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains `config` in `workdir` (resuming if it holds a checkpoint); returns the last metrics.
 
@@ -72,6 +98,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    # The training record's train/wall_seconds count from here: data preparation included.
+    started = time.monotonic()
     # --- Set-up and restore ----------------------------------------------------
     run = Run.build(config, workdir, mode="train")
     plateau = None
@@ -139,6 +167,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     results: dict[str, float] = {}
     train_sums: dict[str, Any] = {}
     step = start_step
+    # Training throughput: from the end of the first (compiling) step, evaluations excluded.
+    clock = TrainingClock()
     state = run.state
     try:
         while step < config.train.steps:
@@ -150,6 +180,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 # Steps/s counts from here: the first step included the compilation.
                 jax.block_until_ready(sums)
                 writer.start_clock(step)
+                clock.start(step)
             checkpointer.poll()  # A save that failed in the background stops the run here.
             train_sums = metrics_lib.add_metric_sums(train_sums, sums)
             last = step == config.train.steps
@@ -162,6 +193,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 if run.loss_terms is not None:  # e.g. hard attention's baseline after this step
                     for name, value in run.loss_terms.logged(state.extra).items():
                         logged[f"train/{name}"] = float(value)
+                if clock.started:
+                    jax.block_until_ready(sums)
+                    logged["train/steps_per_second"] = clock.steps_per_second(step)
+                logged["train/wall_seconds"] = round(time.monotonic() - started, 1)
                 writer.write(step, logged)
                 writer.progress(step, logged["train/loss"])
                 results.update(logged)
@@ -169,7 +204,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             eval_metrics = None
             if step % config.eval.every_steps == 0 or last:
                 run.state = state
-                eval_metrics = run.evaluate(step, writer, plot_dir=plots(f"step_{step}"))
+                with clock.paused():
+                    eval_metrics = run.evaluate(step, writer, plot_dir=plots(f"step_{step}"))
                 results.update(eval_metrics)
                 if plateau is not None:
                     metric = eval_metrics[config.train.plateau_metric]

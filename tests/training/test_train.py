@@ -110,6 +110,11 @@ def test_main_job_writes_checkpoints_metrics_events_and_plots(sharded_run):
     assert (sharded_run / "checkpoints" / str(STEPS)).is_dir()
     logged = metrics(sharded_run)
     assert any("train/loss" in m for m in logged)
+    # Throughput (evaluations excluded) and the run's wall time, for sweeps' tables.
+    train_rows = [m for m in logged if "train/loss" in m]
+    assert all(m["train/steps_per_second"] > 0 for m in train_rows[1:])
+    walls = [m["train/wall_seconds"] for m in train_rows]
+    assert walls == sorted(walls) and walls[-1] > 0
     final = [m for m in logged if "eval/bleu" in m]
     assert final and final[-1]["step"] == STEPS and "eval/exact_match" in final[-1]
     assert list((sharded_run / "tensorboard").glob("events.out.tfevents.*"))

@@ -9,12 +9,15 @@ operation the step executed to
          reduction (softmax, layer norm, loss, sums), data movement (copies,
          transposes, slices, concatenations, dynamic updates), elementwise
          (every other fusion), custom-call, other;
-  phase  forward, backward (JAX's `transpose(...)` of the forward) and
-         optimizer (operations whose source is optax).
+  phase  forward (inside JAX's `jvp(...)` of the loss), backward (its
+         `transpose(...)`) and optimizer (everything outside the
+         differentiated loss: the optimizer's update, gradient clipping,
+         the step's metric sums).
 
 Kinds are read from the compiled HLO: a fusion is a matmul if its fused
 computation holds a `dot`, and so on down the list above. Phases come from the
-metadata XLA keeps on each operation. Operations that run inside a `while` loop
+`op_name` XLA keeps on each operation (the HLO's stack frames name only the
+caller's files, not optax's, so they cannot tell the optimizer apart). Operations that run inside a `while` loop
 (the RNNs' `lax.scan`) are counted at every iteration they run; the loop
 operation itself is not counted, so nothing is counted twice.
 
@@ -101,7 +104,6 @@ _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s+(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _CALLED = re.compile(r"(?:calls|to_apply|body|condition|branch_computations)=\{?([^}\s]+)")
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
-_SOURCE_FILE = re.compile(r'source_file="([^"]*)"')
 _TARGET = re.compile(r'custom_call_target="([^"]*)"')
 
 
@@ -123,7 +125,7 @@ def parse_hlo(text: str) -> dict[str, dict]:
     """Every instruction of an HLO module's text: opcode, called computations, metadata.
 
     Returns {instruction name: {"opcode", "computation", "calls", "op_name",
-    "source_file", "target"}}, plus the key "__computations__" mapping each
+    "target"}}, plus the key "__computations__" mapping each
     computation to the names of its instructions.
     """
     instructions: dict[str, dict] = {}
@@ -142,14 +144,12 @@ def parse_hlo(text: str) -> dict[str, dict]:
         for group in _CALLED.findall(rest):
             called += [c.lstrip("%") for c in group.split(",") if c]
         op_name = _OP_NAME.search(rest)
-        source = _SOURCE_FILE.search(rest)
         target = _TARGET.search(rest)
         instructions[name] = dict(
             opcode=_opcode(rest),
             computation=current,
             calls=called,
             op_name=op_name.group(1) if op_name else "",
-            source_file=source.group(1) if source else "",
             target=target.group(1) if target else "",
         )
         computations[current].append(name)
@@ -195,13 +195,13 @@ def kind_of(name: str, hlo: dict) -> str:
 
 
 def phase_of(name: str, hlo: dict) -> str:
-    """forward, backward or optimizer, from the instruction's metadata."""
-    info = hlo[name]
-    if "optax" in info["source_file"]:
-        return "optimizer"
-    if "transpose(" in info["op_name"]:
+    """forward, backward or optimizer, from the instruction's `op_name`."""
+    op_name = hlo[name]["op_name"]
+    if "transpose(" in op_name:
         return "backward"
-    return "forward"
+    if "jvp(" in op_name:
+        return "forward"
+    return "optimizer"
 
 
 def trace_events(trace_dir: str) -> list[dict]:
@@ -217,9 +217,7 @@ def trace_events(trace_dir: str) -> list[dict]:
 
 
 def attribute(events: list[dict], hlo: dict, steps: int) -> dict:
-    """Milliseconds per step by kind, by phase and by instruction, from the trace's events."""
-    by_kind: dict[str, float] = collections.defaultdict(float)
-    by_phase: dict[str, float] = collections.defaultdict(float)
+    """Milliseconds per step by instruction, and from them by kind and by phase."""
     by_op: dict[str, float] = collections.defaultdict(float)
     matched = 0
     for event in events:
@@ -228,11 +226,14 @@ def attribute(events: list[dict], hlo: dict, steps: int) -> dict:
             continue
         if hlo[name]["opcode"] in CONTROL_FLOW:
             continue
-        ms = event["dur"] / 1e3 / steps
+        by_op[name] += event["dur"] / 1e3 / steps
         matched += 1
+    # Each executed instruction is classified once, however many events it has.
+    by_kind: dict[str, float] = collections.defaultdict(float)
+    by_phase: dict[str, float] = collections.defaultdict(float)
+    for name, ms in by_op.items():
         by_kind[kind_of(name, hlo)] += ms
         by_phase[phase_of(name, hlo)] += ms
-        by_op[name] += ms
     return dict(by_kind=by_kind, by_phase=by_phase, by_op=by_op, matched_events=matched)
 
 
@@ -257,41 +258,33 @@ def profile_model(name: str, steps: int, trace_dir: str) -> list[dict]:
             "is --xla_cpu_enable_xprof_traceme in XLA_FLAGS?"
         )
     op_ms = sum(found["by_kind"].values())
-    lines = []
-    for kind in KINDS:
-        if kind in found["by_kind"]:
-            ms = found["by_kind"][kind]
-            lines.append(
-                dict(
-                    kind="by_kind",
-                    model=name,
-                    what=kind,
-                    ms_per_step=round(ms, 2),
-                    share=round(ms / op_ms, 3),
-                )
-            )
-    for phase in ("forward", "backward", "optimizer"):
-        ms = found["by_phase"].get(phase, 0.0)
-        lines.append(
-            dict(
-                kind="by_phase",
-                model=name,
-                what=phase,
-                ms_per_step=round(ms, 2),
-                share=round(ms / op_ms, 3),
-            )
+
+    def share_line(kind: str, what: str, ms: float, **more) -> dict:
+        return dict(
+            kind=kind,
+            model=name,
+            what=what,
+            **more,
+            ms_per_step=round(ms, 2),
+            share=round(ms / op_ms, 3),
         )
+
+    lines = [
+        share_line("by_kind", kind, found["by_kind"][kind])
+        for kind in KINDS
+        if kind in found["by_kind"]
+    ]
+    for phase in ("forward", "backward", "optimizer"):
+        lines.append(share_line("by_phase", phase, found["by_phase"].get(phase, 0.0)))
     top = sorted(found["by_op"].items(), key=lambda item: -item[1])[:10]
     for op, ms in top:
         lines.append(
-            dict(
-                kind="top_op",
-                model=name,
-                what=op,
+            share_line(
+                "top_op",
+                op,
+                ms,
                 op_kind=kind_of(op, hlo),
                 phase=phase_of(op, hlo),
-                ms_per_step=round(ms, 2),
-                share=round(ms / op_ms, 3),
                 op_name=hlo[op]["op_name"][-120:],
             )
         )

@@ -193,8 +193,7 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                 if run.loss_terms is not None:  # e.g. hard attention's baseline after this step
                     for name, value in run.loss_terms.logged(state.extra).items():
                         logged[f"train/{name}"] = float(value)
-                if clock.started:
-                    jax.block_until_ready(sums)
+                if clock.started:  # compute_metrics has waited for this step's sums
                     logged["train/steps_per_second"] = clock.steps_per_second(step)
                 logged["train/wall_seconds"] = round(time.monotonic() - started, 1)
                 writer.write(step, logged)

@@ -7,6 +7,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import optax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -20,8 +21,14 @@ def test_kinds_and_phases_of_a_compiled_step():
         h = jnp.where(keep, x, 0.0) @ w  # a matmul
         return jax.nn.logsumexp(h, axis=-1).sum()  # reductions
 
+    optimizer = optax.adam(1e-3)
+
+    def step(w, opt_state, x, key):
+        updates, opt_state = optimizer.update(jax.grad(loss)(w, x, key), opt_state, w)
+        return optax.apply_updates(w, updates), opt_state
+
     w, x = jnp.ones((64, 32)), jnp.ones((16, 64))
-    compiled = jax.jit(jax.grad(loss)).lower(w, x, jax.random.key(0)).compile()
+    compiled = jax.jit(step).lower(w, optimizer.init(w), x, jax.random.key(0)).compile()
     hlo = profile_step.parse_hlo(compiled.as_text())
     executed = [
         name
@@ -33,7 +40,8 @@ def test_kinds_and_phases_of_a_compiled_step():
     kinds = {profile_step.kind_of(name, hlo) for name in executed}
     assert {"matmul", "random bits", "reduction"} <= kinds, kinds
     phases = {profile_step.phase_of(name, hlo) for name in executed}
-    assert "backward" in phases  # the gradient's matmul is JAX's transpose of the forward's
+    # The gradient's matmul is JAX's transpose of the forward's; Adam is outside both.
+    assert phases == {"forward", "backward", "optimizer"}, phases
     # Every kind is one the report knows.
     assert kinds <= set(profile_step.KINDS)
 
@@ -45,9 +53,9 @@ def test_opcode_of_tuple_typed_instructions():
 
 def test_attribute_counts_leaf_operations_per_step_and_skips_loops():
     hlo = {
-        "dot.1": dict(opcode="dot", computation="main", calls=[], op_name="jit(f)/dot_general",
-                      source_file="", target=""),
-        "while.2": dict(opcode="while", computation="main", calls=[], op_name="", source_file="",
+        "dot.1": dict(opcode="dot", computation="main", calls=[], op_name="jit(f)/jvp()/dot_general",
+                      target=""),
+        "while.2": dict(opcode="while", computation="main", calls=[], op_name="",
                         target=""),
         "__computations__": {"main": ["dot.1", "while.2"]},
     }  # fmt: skip

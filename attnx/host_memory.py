@@ -14,7 +14,8 @@ when its free top exceeds the trim threshold.
 trim threshold of 2 GiB (the heap is not shrunk between steps). Measured on
 the cpu-small Transformer step (2 cores, 3 alternated fresh processes):
 page faults per run 2.8 M -> 0.37 M, kernel time 8-11 s -> 2.2 s, median
-step 1530 -> 1155 ms; the peak resident memory is unchanged (about 1.6 GB).
+step 1351 -> 1158 ms. The price is resident memory: freed blocks stay with the
+process (peak RSS 1.6 GB in one run, 2.0 GB in `benchmarks.compare`'s).
 
 It changes the process's allocator, so attnx calls it only from its own
 entry points (`python -m attnx.main`, the benchmarks, the test suite), never

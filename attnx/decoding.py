@@ -55,6 +55,7 @@ from attnx.decoding_traces import (  # noqa: F401  (re-exported: decoding.TraceS
     select_weights,
     skip_unselected_layers,
 )
+from attnx.layers.source_cache import SourceCache
 
 Array = jax.Array
 
@@ -486,6 +487,19 @@ def _gather_beams(x: Array, index: Array) -> Array:
     return jnp.take_along_axis(x, index.reshape(index.shape + (1,) * (x.ndim - 2)), axis=1)
 
 
+def _reorder_beams(cache: nnx.State, rows: Array) -> nnx.State:
+    """Each hypothesis's cache rows from its parent's (`rows` `[batch * beam]`).
+
+    `SourceCache` arrays are the same in every beam of a source, so they are
+    not copied: for the Transformer's cross-attention keys and values or an
+    RNN's projected annotations that is as much memory traffic per step as
+    the source side of the model.
+    """
+    fixed, per_hypothesis = cache.split(SourceCache, ...)
+    per_hypothesis = jax.tree.map(lambda x: x[rows] if x.ndim else x, per_hypothesis)
+    return nnx.merge_state(fixed, per_hypothesis)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "static"))
 def _beam_search(graphdef, state, src, dyn, static: _Static) -> DecodeResult:
     batch, beam, length = src.shape[0], static.beam_size, static.buffer_length
@@ -547,7 +561,7 @@ def _beam_search(graphdef, state, src, dyn, static: _Static) -> DecodeResult:
         alive = jax.tree.map(lambda x: _gather_beams(x, survivors), new)
         alive["log_prob"] = jnp.where(_gather_beams(is_eos, survivors), -jnp.inf, alive["log_prob"])
         rows = (jnp.arange(batch)[:, None] * beam + _gather_beams(parent, survivors)).reshape(-1)
-        cache = jax.tree.map(lambda x: x[rows] if x.ndim else x, cache)
+        cache = _reorder_beams(cache, rows)
 
         best_alive = jnp.max(alive["log_prob"], axis=1) / best_possible_divisor
         enough = finished["score"][:, static.num_return - 1] >= best_alive
@@ -606,8 +620,8 @@ def beam_search(
     """Batched beam search, compiled once per shapes and settings.
 
     Keeps `beam_size` alive hypotheses per example (the model's cache is tiled
-    by beam and every batch-leading nnx.Cache array is reordered with the
-    surviving beams each step) and a pool of the `beam_size` best complete
+    by beam and every batch-leading nnx.Cache array but the `SourceCache`
+    ones is reordered with the surviving beams each step) and a pool of the `beam_size` best complete
     ones, ranked by log P(y|x) / lp(|y|) (see the module docstring). An example
     stops when its `num_return`-th best complete hypothesis beats every score
     its alive ones could still reach, or at its maximum length, where the alive

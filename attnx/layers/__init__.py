@@ -47,6 +47,7 @@ from attnx.layers.scores import (
     location_scores,
     scaled_dot_scores,
 )
+from attnx.layers.source_cache import SourceCache
 from attnx.layers.spatial import SpatialAttention, SpatialMemory, sample_location
 
 # The NNX modules that attnx.linen adapts.

@@ -61,6 +61,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from attnx.layers.params import param
+from attnx.layers.source_cache import SourceCache
 from attnx.layers.spatial import SpatialAttention, SpatialMemory, sample_location
 from attnx.models.captioner_config import (
     CaptionerConfig,
@@ -376,9 +377,9 @@ class Captioner(nnx.Module):
         memory = encoded.memory
         self.cache_hidden = nnx.Cache(encoded.hidden.astype(self.dtype))
         self.cache_cell = nnx.Cache(encoded.cell.astype(jnp.float32))
-        self.cache_features = nnx.Cache(memory.features)
-        self.cache_projected = nnx.Cache(memory.projected)
-        self.cache_mask = nnx.Cache(memory.mask)
+        self.cache_features = SourceCache(memory.features)
+        self.cache_projected = SourceCache(memory.projected)
+        self.cache_mask = SourceCache(memory.mask)
 
     def decode_step(
         self, tokens: Array, *, return_weights: bool = False

@@ -45,6 +45,7 @@ from flax import nnx, struct
 
 from attnx.layers.params import logical_axes
 from attnx.layers.positions import LearnedPositions, SinusoidalPositions
+from attnx.layers.source_cache import SourceCache
 from attnx.models.checks import check_tokens
 from attnx.models.convs2s_blocks import (
     SQRT_HALF,
@@ -305,9 +306,9 @@ class ConvS2S(nnx.Module):
         batch = encoded.keys.shape[0]
         for block in self.decoder_blocks:
             block.init_cache(batch)
-        self.cache_keys = nnx.Cache(encoded.keys)
-        self.cache_values = nnx.Cache(encoded.values)
-        self.cache_source_valid = nnx.Cache(encoded.source_valid)
+        self.cache_keys = SourceCache(encoded.keys)
+        self.cache_values = SourceCache(encoded.values)
+        self.cache_source_valid = SourceCache(encoded.source_valid)
         self.cache_step = nnx.Cache(jnp.array(0, jnp.int32))
 
     def decode_step(

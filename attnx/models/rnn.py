@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from attnx.layers.attention_memory import AttentionMemory
+from attnx.layers.source_cache import SourceCache
 from attnx.models.checks import check_at_least, check_tokens
 from attnx.models.rnn_config import RNNConfig, luong_4layer, rnnsearch50, tiny
 from attnx.models.rnn_decoders import ATTENTION, BahdanauDecoder, DecoderState, LuongDecoder
@@ -143,10 +144,10 @@ class RNNEncoderDecoder(nnx.Module):
         check_at_least("RNNEncoderDecoder.init_cache", max_length=max_length)
         memory = self.decoder.prepare_memory(encoded.annotations, encoded.mask)
         self.cache_state = nnx.Dict({k: nnx.Cache(v) for k, v in encoded.state.items()})
-        self.cache_keys = nnx.Cache(memory.keys)
-        self.cache_mask = nnx.Cache(memory.mask)
+        self.cache_keys = SourceCache(memory.keys)
+        self.cache_mask = SourceCache(memory.mask)
         projected = memory.projected_keys
-        self.cache_projected = nnx.Cache(projected) if projected is not None else nnx.data(None)
+        self.cache_projected = SourceCache(projected) if projected is not None else nnx.data(None)
         self.cache_step = nnx.Cache(jnp.zeros((), jnp.int32))
 
     def decode_step(

@@ -42,6 +42,7 @@ from flax import nnx, struct
 from attnx.layers import masks as masks_lib
 from attnx.layers.params import logical_axes
 from attnx.layers.positions import LearnedPositions, RelativePositionBias, SinusoidalPositions
+from attnx.layers.source_cache import SourceCache
 from attnx.models.checks import check_at_least, check_tokens
 from attnx.models.transformer_blocks import DecoderLayer, EncoderLayer, dense, layer_norm
 from attnx.models.transformer_config import (
@@ -422,7 +423,7 @@ class Transformer(nnx.Module):
         for layer in self.decoder_layers:
             layer.self_attention.init_cache(memory.shape[0], max_length)
             layer.init_cross_cache(memory)
-        self.cache_source_valid = nnx.Cache(encoded.segment_ids > 0)
+        self.cache_source_valid = SourceCache(encoded.segment_ids > 0)
         self.cache_step = nnx.Cache(jnp.array(0, jnp.int32))
 
     def decode_step(

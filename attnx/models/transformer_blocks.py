@@ -25,6 +25,7 @@ from flax import nnx
 
 from attnx.layers.multi_head import MultiHeadAttention
 from attnx.layers.params import logical_axes
+from attnx.layers.source_cache import SourceCache
 
 Array = jax.Array
 Weights = Array | None
@@ -266,7 +267,7 @@ class DecoderLayer(_ResidualLayer):
         """Projects the encoder output `[batch, src_len, d_model]` to cross-attention
         keys and values once, into `nnx.Cache` variables read by `decode=True` calls."""
         key, value = self.cross_attention.project_key_value(memory)
-        self.cross_key, self.cross_value = nnx.Cache(key), nnx.Cache(value)
+        self.cross_key, self.cross_value = SourceCache(key), SourceCache(value)
 
     def __call__(
         self,

@@ -23,6 +23,7 @@ from flax import nnx
 from attnx import decoding
 from attnx.layers import attention_config as ac
 from attnx.layers.normalizers import NORMALIZERS
+from attnx.layers.source_cache import SourceCache
 from attnx.models import (
     build_model,
     captioner_config,
@@ -156,10 +157,17 @@ def test_every_legal_choice_trains_decodes_with_the_cache_and_beam_searches(arch
     tgt_in = steps.shift_right(batch["targets"])
     teacher_forced = trained(source, tgt_in)
     trained.init_cache(trained.encode(source), tgt_in.shape[1])
+    source_side = jax.tree.leaves(nnx.state(trained, SourceCache))
     cached = jnp.stack(
         [trained.decode_step(tgt_in[:, t : t + 1]) for t in range(tgt_in.shape[1])], axis=1
     )
     np.testing.assert_allclose(cached, teacher_forced, atol=2e-4, rtol=2e-4)
+    # Beam search does not reorder SourceCache arrays: exact only if decoding never writes them.
+    assert source_side, "the encoder's memory is not declared as SourceCache"
+    for before, after in zip(
+        source_side, jax.tree.leaves(nnx.state(trained, SourceCache)), strict=True
+    ):
+        np.testing.assert_array_equal(before, after)
 
     result = decoding.beam_search(
         nnx.merge(graphdef, state.params, rest),

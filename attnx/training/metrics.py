@@ -32,7 +32,7 @@ from jax.experimental import multihost_utils
 from sacrebleu.metrics.bleu import BLEU
 
 from attnx.data.tokenizers import EOS_ID, PAD_ID
-from attnx.training.log_probs import target_and_total_log_probs
+from attnx.training.log_probs import token_log_probs
 
 MetricSums = dict[str, tuple[Any, Any]]
 
@@ -53,8 +53,10 @@ def _check_token_shapes(logits: jax.Array, targets: jax.Array, weights: jax.Arra
 
 def _token_losses(
     logits: jax.Array, targets: jax.Array, label_smoothing: float
-) -> tuple[jax.Array, jax.Array]:
-    """Per-token (label-smoothed cross-entropy, plain NLL), both [...] float32.
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-token (label-smoothed cross-entropy, plain NLL, target is the argmax).
+
+    The first two are float32 [...], the last bool [...].
 
     Smoothed targets put 1 - ls on the true token and ls / (V - 1) on every
     other (Szegedy et al. 2016, as in Vaswani et al. sec. 5.4). The entropy of
@@ -68,16 +70,16 @@ def _token_losses(
     vocab = logits.shape[-1]
     if vocab < 2:
         raise ValueError(f"logits have vocabulary size {vocab}; need at least 2.")
-    # Both terms and their gradient in one pass over the logits (log_probs.py).
-    target_log_prob, total_log_prob = target_and_total_log_probs(logits, targets)
+    # Both terms, the argmax and the gradient in one pass over the logits (log_probs.py).
+    target_log_prob, total_log_prob, correct = token_log_probs(logits, targets)
     nll = -target_log_prob
     if label_smoothing == 0.0:
-        return nll, nll
+        return nll, nll, correct
     confidence = 1.0 - label_smoothing
     low = label_smoothing / (vocab - 1)
     smoothed = -(confidence - low) * target_log_prob - low * total_log_prob
     entropy = -(confidence * np.log(confidence) + (vocab - 1) * low * np.log(low))
-    return smoothed - entropy, nll
+    return smoothed - entropy, nll, correct
 
 
 def cross_entropy_loss(
@@ -98,7 +100,7 @@ def cross_entropy_loss(
       (loss_sum, weight_sum): float32 scalars; the mean loss is their ratio.
     """
     _check_token_shapes(logits, targets, weights)
-    loss, _ = _token_losses(logits, targets, label_smoothing)
+    loss, _, _ = _token_losses(logits, targets, label_smoothing)
     weights = jnp.ones(targets.shape, jnp.float32) if weights is None else weights
     weights = weights.astype(jnp.float32)
     return jnp.sum(loss * weights), jnp.sum(weights)
@@ -127,11 +129,11 @@ def token_metrics(
     plain NLL sum, so it stays comparable across smoothing settings.
     """
     _check_token_shapes(logits, targets, weights)
-    loss, nll = _token_losses(logits, targets, label_smoothing)
+    loss, nll, correct = _token_losses(logits, targets, label_smoothing)
+    correct = correct.astype(jnp.float32)
     weights = jnp.ones(targets.shape, jnp.float32) if weights is None else weights
     weights = weights.astype(jnp.float32)
     weight_sum = jnp.sum(weights)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
     return {
         "loss": (jnp.sum(loss * weights), weight_sum),
         "accuracy": (jnp.sum(correct * weights), weight_sum),

@@ -52,12 +52,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # same Nesterov momentum and clipping) settles instead of diverging.
     config.train.schedule = "cosine"
     config.train.warmup_steps = 100
-    config.train.steps = 1200
+    config.train.steps = 700
     config.train.batch_size = 64
     config.train.log_every_steps = 100
 
-    config.checkpoint.every_steps = 400
-    config.eval.every_steps = 400
+    config.checkpoint.every_steps = 350
+    config.eval.every_steps = 350
     config.eval.max_examples = 512
 
     if arg == "tiny":

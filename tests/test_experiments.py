@@ -91,7 +91,7 @@ def _variants():
     for name in EXPERIMENTS:
         yield name, None
         yield name, "tiny"
-    for arg in ("luong", "luong_local", "luong,tiny", "luong_local,tiny"):
+    for arg in ("luong", "luong_local", "luong,tiny", "luong_local,tiny", "adadelta"):
         yield "dates_rnn.py", arg
     for arg in ("hard", "hard,tiny"):
         yield "digits_spatial.py", arg
@@ -142,7 +142,16 @@ def test_dates_rnn_variants():
         "additive",
         "gru",
     )
-    assert module.get_config().train.optimizer == "adadelta"
+    default, paper = module.get_config().train, module.get_config("adadelta").train
+    assert (default.optimizer, default.schedule, default.steps) == ("adam", "cosine", 1500)
+    assert (paper.optimizer, paper.rho, paper.clip_grad_norm, paper.steps) == (
+        "adadelta",
+        0.95,
+        1.0,
+        3000,
+    )
+    assert paper.label_smoothing == 0.0
+    assert model_config(module.get_config("adadelta")) == bahdanau
     luong = model_config(module.get_config("luong"))
     assert (luong.variant, luong.mechanism.score, luong.input_feeding) == ("luong", "general", True)
     assert luong.mechanism.local == "none"

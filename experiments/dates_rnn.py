@@ -15,9 +15,11 @@ The arg is a comma-separated list of options:
                output, since Luong's decoder starts from the encoder's final
                states.
   luong_local  the same with local-p attention (sec. 3.2): a predicted centre
-               p_t and a Gaussian window of half-width D = 5 characters (the
-               paper's D = 10 counts words; a date's fields span a few
-               characters). Implies `luong`.
+               p_t and a window of half-width D = 8 characters weighted by a
+               Gaussian of sigma D / 2 (the paper's D = 10 counts words; a
+               date's fields span up to a dozen characters: with D = 5 only
+               two thirds of the attention peaks fell in the right field).
+               Implies `luong`.
   adadelta     the paper's optimizer (Adadelta, eps 1e-6, rho 0.95, gradients
                clipped to norm 1; the `rnnsearch` recipe) for 3,000 steps,
                instead of the default Adam with a cosine schedule.
@@ -44,8 +46,11 @@ validation exact match 1.000 at steps 500 / 1000 / 1500. With 'adadelta'
 1000 / 2000 / 3000; Luong global with it: test 0.990.
 Luong global ('luong', the same day, 3.7 min): test exact match 0.996, pointing
 accuracy 0.981; validation 0.900 / 0.992 / 0.998 at steps 500 / 1000 / 1500.
-Luong local-p ('luong_local', the same day, 3.7 min): test exact match 0.990,
-pointing accuracy 0.668; validation 0.924 / 0.994 / 0.996.
+Luong local-p ('luong_local', D = 8, measured 2026-12-03, 5.8 min, 4.6 steps/s):
+test exact match 0.998, pointing accuracy 0.961, attention mass 0.887;
+validation 0.951 / 0.994 / 1.000 at steps 500 / 1000 / 1500. With D = 5 (the
+day before): test 0.990, pointing accuracy 0.668; 2,500 steps did not help
+(test 0.988, validation 0.998).
 """
 
 import ml_collections
@@ -105,7 +110,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.model.input_feeding = True
     if "luong_local" in options:
         config.model.attention.local = "local_p"
-        config.model.attention.window = 2 if "tiny" in options else 5
+        config.model.attention.window = 2 if "tiny" in options else 8
 
     if "tiny" in options:
         smoke_run(config)

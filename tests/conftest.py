@@ -8,7 +8,7 @@ their time is XLA compiling the same tiny models again. They share one
 persistent compilation cache, made for this test run and removed after it
 (compiled programs are the same with or without it, so no check is lost).
 The bundled datasets are prepared once per run and shared by the test files
-and xdist workers that need them (`dates_data_dir`, `numbers_data_dir`).
+and xdist workers that need them (`dates_data_dir`, `numbers_data_dir`, ...).
 """
 
 import fcntl
@@ -69,6 +69,12 @@ def dates_data_dir() -> str:
 def numbers_data_dir() -> str:
     """A data_dir holding the bundled `number_words/en_de` task (and whatever else is there)."""
     return _prepared("number_words/en_de")
+
+
+@pytest.fixture(scope="session")
+def numbers_fr_data_dir() -> str:
+    """A data_dir holding the bundled `number_words/en_fr` task (and whatever else is there)."""
+    return _prepared("number_words/en_fr")
 
 
 @pytest.fixture(scope="session")

@@ -216,6 +216,23 @@ def test_numbers_convs2s_uses_the_papers_optimizer_with_a_cosine_schedule():
     assert model_config(config).max_length >= config.task.max_source_length
 
 
+@pytest.mark.parametrize("name", ["dates_transformer.py", "numbers_transformer.py"])
+def test_bundled_transformers_use_rotary_positions_without_dropout(name):
+    for arg in (None, "tiny"):  # the smoke run takes the same path as the full one
+        config = load(name).get_config(arg)
+        assert config.model.attention.positions == "rotary", (name, arg)
+        assert config.model.dropout_rate == 0.0, (name, arg)
+        assert config.train.schedule == "cosine", (name, arg)
+
+
+def test_numbers_transformer_translates_into_french_in_packed_rows():
+    config = load("numbers_transformer.py").get_config()
+    assert config.task.dataset == "number_words/en_fr"
+    assert config.task.packing
+    # The longest numbers of either language (73 characters) fit unclipped.
+    assert min(config.task.max_source_length, config.task.max_target_length) >= 73
+
+
 def test_rnnsearch_paper_numbers():
     config = load("wmt14_rnnsearch.py").get_config()
     built = model_config(config)

@@ -9,7 +9,7 @@ sides, a small post-LN Transformer (Vaswani et al. 2017, 3 + 3 layers of
 d_model 128) with the paper's Adam (0.9/0.98) and label smoothing 0.1, and
 the schedule of `dates_transformer.py`: a 200-step warm-up to 3e-3, then a
 half cosine to 0 over 600 steps. Rows are packed (several numbers to a row of
-80 characters), as big_vision and fairseq pack text.
+80 characters; attention does not cross their segment boundaries).
 
 Command (CPU, this machine):
 

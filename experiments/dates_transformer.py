@@ -101,10 +101,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The paper's Adam (0.9, 0.98, 1e-9) and label smoothing; its inverse square
     # root schedule still had the learning rate at 0.0016 at step 3000 (exact
     # match 0.979). A half cosine to 0 lets the last steps settle.
-    config.train.update(RECIPES["transformer"])
-    config.train.schedule = "cosine"
-    config.train.learning_rate = 3e-3
-    config.train.warmup_steps = 200
+    config.train.update(RECIPES["transformer_cosine"])
     config.train.label_smoothing = 0.1
     config.train.steps = 2500
     config.train.batch_size = 64

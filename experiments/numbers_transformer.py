@@ -62,10 +62,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The paper's Adam (0.9, 0.98, 1e-9) and label smoothing; the half cosine of
     # dates_transformer.py lets the last steps settle where the paper's inverse
     # square root would still hold a high rate.
-    config.train.update(RECIPES["transformer"])
-    config.train.schedule = "cosine"
-    config.train.learning_rate = 3e-3
-    config.train.warmup_steps = 200
+    config.train.update(RECIPES["transformer_cosine"])
     config.train.label_smoothing = 0.1
     config.train.steps = 600
     config.train.batch_size = 64

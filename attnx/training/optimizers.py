@@ -15,7 +15,8 @@
   plateau_factor, plateau_patience   the 'plateau' decay (see PlateauScheduler)
 
 Fields that are absent take the values in `DEFAULTS`. `RECIPES` holds the
-three papers' settings, ready for `config.train.update(RECIPES['transformer'])`:
+three papers' settings, ready for `config.train.update(RECIPES['transformer'])`,
+and the recipe the bundled CPU experiments share:
 
   transformer  Vaswani et al. 2017, sec. 5.3: Adam(0.9, 0.98, 1e-9) and
                lrate = d_model^-0.5 * min(step^-0.5, step * warmup^-1.5).
@@ -24,6 +25,9 @@ three papers' settings, ready for `config.train.update(RECIPES['transformer'])`:
                the validation perplexity stops improving.
   rnnsearch    Bahdanau et al. 2014, A.2.2: Adadelta (eps 1e-6, rho 0.95),
                gradients clipped to norm 1.
+  transformer_cosine  the Transformer's Adam with a 200-step linear warm-up to
+               3e-3 and a half cosine to 0 over `steps`: the inverse square
+               root keeps the rate too high to settle in a few thousand steps.
 
 Schedules are functions of the optimizer's update count `c` (0 for the first
 update, as in optax); they evaluate the papers' formulas at the 1-based step
@@ -74,6 +78,9 @@ RECIPES: dict[str, dict[str, Any]] = {
         "optimizer": "adadelta", "eps": 1e-6, "rho": 0.95, "learning_rate": 1.0,
         "schedule": "constant", "warmup_steps": 0, "clip_grad_norm": 1.0,
     },
+}
+RECIPES["transformer_cosine"] = {
+    **RECIPES["transformer"], "schedule": "cosine", "learning_rate": 3e-3, "warmup_steps": 200,
 }
 # fmt: on
 

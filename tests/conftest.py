@@ -7,16 +7,22 @@ The end-to-end tests run `python -m attnx.main` in subprocesses; most of
 their time is XLA compiling the same tiny models again. They share one
 persistent compilation cache, made for this test run and removed after it
 (compiled programs are the same with or without it, so no check is lost).
-The bundled datasets are prepared once per run and shared by the test files
+The commands themselves are forked from a Python that has already imported
+their libraries (`preloaded.py`, imported by the test files from this
+directory). The bundled datasets are prepared once per run and shared by the test files
 and xdist workers that need them (`dates_data_dir`, `numbers_data_dir`, ...).
 """
 
 import fcntl
 import os
 import shutil
+import sys
 import tempfile
 
 import pytest
+
+# `import preloaded` in the test files (pytest's importlib mode adds no directory to the path).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"

@@ -12,10 +12,10 @@ import csv
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import orbax.checkpoint as ocp
+import preloaded
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ CASES = {
 
 
 def _run(experiment, workdir, data_dir, flags, *extra):
-    result = subprocess.run(
+    result = preloaded.run(
         [
             sys.executable,
             "-m",

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 
+import preloaded
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -169,7 +170,7 @@ def test_a_command_line_mistake_is_one_line_before_anything_runs(case, tmp_path)
     before = sorted(str(p) for p in tmp_path.rglob("*"))
     fill = {"tmp": str(tmp_path), "pid": str(os.getpid())}
     try:
-        result = subprocess.run(
+        result = preloaded.run(
             [sys.executable, "-m", "attnx.main", *(a.format(**fill) for a in arguments)],
             capture_output=True,
             text=True,
@@ -196,7 +197,7 @@ def test_summary_counts_the_vocabulary_of_the_workdir(tmp_path):
     from attnx.data.tokenizers import CharacterTokenizer
 
     CharacterTokenizer("0123456789-").save(tmp_path / "run" / "vocab")  # 4 specials + 11
-    result = subprocess.run(
+    result = preloaded.run(
         [sys.executable, "-m", "attnx.main", TINY, f"--workdir={tmp_path}/run", "--mode=summary"],
         capture_output=True,
         text=True,
@@ -212,7 +213,7 @@ def test_summary_counts_the_vocabulary_of_the_workdir(tmp_path):
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:-1]}
     assert rows["source_embedding/embedding"][1:3] == ["(15,", "32)"]
     # Without a workdir it says that its size is a placeholder.
-    result = subprocess.run(
+    result = preloaded.run(
         [sys.executable, "-m", "attnx.main", TINY, "--mode=summary"],
         capture_output=True,
         text=True,
@@ -227,7 +228,7 @@ def test_summary_counts_the_vocabulary_of_the_workdir(tmp_path):
 def test_third_party_info_lines_are_off_by_default_and_on_with_verbosity():
     # JAX logs at INFO that it found no TPU, every time its backend starts.
     def stderr(*flags: str) -> str:
-        result = subprocess.run(
+        result = preloaded.run(
             [sys.executable, "-m", "attnx.main", TINY, "--mode=summary", *flags],
             capture_output=True,
             text=True,

@@ -12,6 +12,7 @@ import pathlib
 import subprocess
 import sys
 
+import preloaded
 import pytest
 
 from attnx.models import make_model_config
@@ -73,7 +74,7 @@ def model_config(config, vocab: int = 40):
 def run_main(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # one device is enough for a summary
-    return subprocess.run(
+    return preloaded.run(
         [sys.executable, "-m", "attnx.main", *args],
         capture_output=True,
         text=True,

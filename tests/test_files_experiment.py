@@ -18,6 +18,8 @@ import re
 import subprocess
 import sys
 
+import preloaded
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 STEPS = 300
@@ -66,7 +68,7 @@ def test_files_translation_learns_well_above_the_copy_baseline(tmp_path):
         f"--config.checkpoint.every_steps={STEPS}",
         "--config.train.log_every_steps=100",
     ]
-    result = subprocess.run(
+    result = preloaded.run(
         command,
         cwd=tmp_path,  # relative file names, as a user types them
         env=environment(),

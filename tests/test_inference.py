@@ -12,10 +12,10 @@ import logging
 import os
 import pathlib
 import shutil
-import subprocess
 import sys
 
 import numpy as np
+import preloaded
 import pytest
 from PIL import Image
 
@@ -28,7 +28,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def attnx_main(*argv: str, devices: int = 1, stdin: str | None = None, ok: bool = True):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    result = subprocess.run(
+    result = preloaded.run(
         [sys.executable, "-m", "attnx.main", *argv],
         cwd=ROOT,
         env=env,

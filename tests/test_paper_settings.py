@@ -10,9 +10,9 @@ import importlib.util
 import math
 import os
 import pathlib
-import subprocess
 import sys
 
+import preloaded
 import pytest
 
 from attnx.training.run import model_summary, vocab_without_data
@@ -72,7 +72,7 @@ def test_every_experiment_has_a_parameter_table_without_data(name):
 def test_summary_of_a_paper_setting_on_the_command_line(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
-    result = subprocess.run(
+    result = preloaded.run(
         [
             sys.executable,
             "-m",

@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 import numpy as np
+import preloaded
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -75,7 +76,7 @@ def test_a_new_architecture_trains_through_the_entry_point(tmp_path, dates_data_
             """
         )
     )
-    result = subprocess.run(
+    result = preloaded.run(
         [
             sys.executable,
             "-m",

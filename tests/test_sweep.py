@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 
+import preloaded
 import pytest
 
 from attnx import sweep
@@ -21,7 +22,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def run_sweep(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)  # trials on one CPU device: the fastest on a small machine
-    return subprocess.run(
+    return preloaded.run(
         [sys.executable, "-m", "attnx.sweep", *args],
         capture_output=True,
         text=True,

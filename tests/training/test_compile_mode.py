@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import preloaded
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -47,7 +48,7 @@ def _config(experiment: str, **overrides):
 
 
 def _main(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
+    return preloaded.run(
         [sys.executable, "-m", "attnx.main", *args],
         cwd=ROOT,
         capture_output=True,

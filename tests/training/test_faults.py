@@ -29,6 +29,7 @@ import time
 
 import numpy as np
 import orbax.checkpoint as ocp
+import preloaded
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -59,7 +60,7 @@ def run(argv, *, cwd=ROOT, ok=True, env=None, limit_file_size_kb=None, timeout=9
     command = [sys.executable, "-m", "attnx.main", *argv]
     if limit_file_size_kb is not None:
         command = ["bash", "-c", f'ulimit -f {limit_file_size_kb} && exec "$@"', "-", *command]
-    result = subprocess.run(
+    result = preloaded.run(
         command,
         cwd=cwd,
         env=env or environment(),

@@ -18,6 +18,7 @@ import sys
 import time
 
 import numpy as np
+import preloaded
 import pytest
 
 import attnx
@@ -35,7 +36,7 @@ def environment(devices: int = 1) -> dict[str, str]:
 
 
 def attnx_main(*argv: str, stdin: str | None = None, ok: bool = True, devices: int = 1):
-    result = subprocess.run(
+    result = preloaded.run(
         [sys.executable, "-m", "attnx.main", *argv],
         cwd=ROOT,
         env=environment(devices),

@@ -12,9 +12,9 @@ import csv
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
+import preloaded
 import pytest
 
 from attnx.interpret import alignment_output
@@ -26,7 +26,7 @@ EXAMPLES = 48
 def attnx_main(*arguments: str) -> None:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
-    result = subprocess.run(
+    result = preloaded.run(
         [sys.executable, "-m", "attnx.main", *arguments],
         env=env,
         cwd=ROOT,

@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import orbax.checkpoint as ocp
+import preloaded
 import pytest
 
 from attnx.data import prepare
@@ -52,7 +53,7 @@ def environment(devices: int) -> dict[str, str]:
 
 
 def run(workdir, data_dir, *overrides, devices=8, timeout=900):
-    result = subprocess.run(
+    result = preloaded.run(
         command(workdir, data_dir, *overrides),
         env=environment(devices),
         cwd=ROOT,
@@ -333,7 +334,7 @@ def test_hard_attention_captioner_trains_with_reinforce_end_to_end(tmp_path):
     digits = tmp_path / "tfds"
     prepare.prepare("digit_captions", str(digits))
     workdir = tmp_path / "hard"
-    result = subprocess.run(
+    result = preloaded.run(
         [
             sys.executable,
             "-m",

@@ -2,7 +2,7 @@
 
 A command the tests run costs about 5 s on 2 cores before it does anything:
 3.5 s of it is importing JAX, Flax, TensorFlow Datasets, grain and Orbax.
-The suite runs a few hundred such commands, most of them mistakes that must
+The suite runs dozens of such commands, many of them mistakes that must
 end in one line before anything heavy runs, so the imports were most of
 their time. `run` has `subprocess.run`'s signature and result; for
 `[sys.executable, "-m", MODULE, ...]` it forks the command from a server

@@ -9,8 +9,8 @@ persistent compilation cache, made for this test run and removed after it
 (compiled programs are the same with or without it, so no check is lost).
 The commands themselves are forked from a Python that has already imported
 their libraries (`preloaded.py`, imported by the test files from this
-directory). The bundled datasets are prepared once per run and shared by the test files
-and xdist workers that need them (`dates_data_dir`, `numbers_data_dir`, ...).
+directory). The bundled datasets are prepared once per run and shared by the
+test files and xdist workers that need them (`dates_data_dir`, ...).
 """
 
 import fcntl

@@ -8,11 +8,11 @@ their time. `run` has `subprocess.run`'s signature and result; for
 `[sys.executable, "-m", MODULE, ...]` it forks the command from a server
 process (one per xdist worker, started on first use) that has imported those
 libraries but started nothing: no JAX backend, no device (importing jaxlib
-leaves one idle native thread, which the fork does not copy). The child then is what `python -m MODULE` would be after its imports:
-its own working directory, environment, argv, stdin, stdout and stderr
-files, `__main__` module, flag parsing, backend, and normal shutdown
-(threads joined, atexit handlers run) before it exits with the command's
-status.
+leaves one idle native thread, which the fork does not copy). The child then
+is what `python -m MODULE` would be after its imports: its own working
+directory, environment, argv, stdin, stdout and stderr files, `__main__`
+module, flag parsing, backend, and normal shutdown (threads joined, atexit
+handlers run) before it exits with the command's status.
 
 What the server has imported was configured from its own environment, so a
 command whose environment differs from the server's anywhere but in
@@ -27,6 +27,7 @@ Commands that the tests signal or run side by side use `subprocess.Popen`.
 from __future__ import annotations
 
 import atexit
+import importlib
 import io
 import json
 import os
@@ -43,7 +44,6 @@ PRELOAD = (
     "absl.flags",
     "ml_collections.config_flags",
     "attnx.cli",
-    "attnx.host_memory",
     "jax",
     "jax.numpy",
     "flax.nnx",
@@ -232,13 +232,14 @@ def _child(request: dict) -> None:
 
 
 def _serve() -> None:
+    """Imports PRELOAD, then forks one child per request line on stdin, answering with
+    the child's pid and, once it has exited, its status."""
+    from absl import logging as absl_logging
+
     from attnx import host_memory
 
     # What `attnx.main.run()` does before JAX starts its threads, done here once.
     host_memory.keep_freed_memory()
-    import importlib
-
-    from absl import logging as absl_logging
 
     # `attnx.main` imports the libraries after absl's app.run has put its log handler
     # on the root logger; without it, the first absl log call of an import (Orbax

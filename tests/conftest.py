@@ -10,11 +10,13 @@ persistent compilation cache, made for this test run and removed after it
 The commands themselves are forked from a Python that has already imported
 their libraries (`preloaded.py`, imported by the test files from this
 directory). The bundled datasets are prepared once per run and shared by the
-test files and xdist workers that need them (`dates_data_dir`, ...).
+test files and xdist workers that need them (`dates_data_dir`, ...), and so is
+the tiny dates run that several files only read (`dates_tiny_run`).
 """
 
 import fcntl
 import os
+import pathlib
 import shutil
 import sys
 import tempfile
@@ -87,3 +89,45 @@ def numbers_fr_data_dir() -> str:
 def digits_data_dir() -> str:
     """A data_dir holding the bundled `digit_captions` task (and whatever else is there)."""
     return _prepared("digit_captions")
+
+
+@pytest.fixture(scope="session")
+def dates_tiny_run(dates_data_dir) -> pathlib.Path:
+    """`dates_transformer.py:tiny` trained on a 2-device mesh (fsdp=2), once per test run.
+
+    Shared by every test file and xdist worker that reads a trained run
+    (`attnx.load`, decoding one's own inputs, which writes nothing into the
+    workdir): a test that changes a run copies it first.
+    """
+    import preloaded
+
+    shared = pathlib.Path(tempfile.gettempdir(), f"attnx-tests-{_RUN}")
+    shared.mkdir(parents=True, exist_ok=True)
+    workdir = shared / "dates_tiny_run"
+    done = shared / "dates_tiny_run.done"
+    with open(shared / "dates_tiny_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # One xdist worker trains; the others wait.
+        if not done.exists():
+            shutil.rmtree(workdir, ignore_errors=True)  # A run cut short: start again.
+            root = pathlib.Path(__file__).resolve().parents[1]
+            env = dict(os.environ, JAX_PLATFORMS="cpu")
+            env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+            result = preloaded.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "attnx.main",
+                    f"--config={root}/experiments/dates_transformer.py:tiny",
+                    f"--workdir={workdir}",
+                    f"--config.task.data_dir={dates_data_dir}",
+                    "--config.mesh.fsdp=2",
+                ],
+                cwd=root,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=900,
+            )
+            assert result.returncode == 0, result.stderr[-4000:]
+            done.touch()
+    return workdir

@@ -94,7 +94,7 @@ def _variants():
         yield name, "tiny"
     for arg in ("luong", "luong_local", "luong,tiny", "luong_local,tiny", "adadelta"):
         yield "dates_rnn.py", arg
-    for arg in ("hard", "hard,tiny"):
+    for arg in ("hard", "hard,scratch", "hard,tiny"):
         yield "digits_spatial.py", arg
 
 
@@ -356,3 +356,15 @@ def test_hard_attention_variant_and_its_settings_are_checked():
         bad.train[key] = value
         with pytest.raises(ValueError, match=message):
             validate(bad)
+
+
+def test_hard_attention_fine_tunes_the_soft_run_unless_from_scratch():
+    digits = load("digits_spatial.py")
+    soft, hard, scratch = (digits.get_config(a) for a in (None, "hard", "hard,scratch"))
+    # The soft run's model exactly (its parameters load), and a source to name.
+    assert hard.model.coord_channels == soft.model.coord_channels is True
+    assert hard.train.warm_start_dir is None  # Required: see tests/training/test_warm_start.py.
+    assert (scratch.model.coord_channels, scratch.train.warm_start_dir) == (False, "")
+    assert digits.get_config("hard,tiny").train.warm_start_dir == ""  # Smoke runs from scratch.
+    with pytest.raises(ValueError, match="option 'scratch' is for hard attention"):
+        digits.get_config("scratch")

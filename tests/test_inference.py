@@ -1,9 +1,10 @@
 """`attnx.load(workdir)`: a trained run from Python, on this machine, from data only.
 
-The tiny dates experiment is trained once for the module in a subprocess on a
-2-device mesh with sharded parameters (fsdp=2) and loaded here onto one of 8
-devices; the tiny digits captioner is trained once too, and captions an image
-file through `attnx.load` and through `--mode=decode --config.decode.input=`.
+The tiny dates experiment, trained once for the test run in a subprocess on a
+2-device mesh with sharded parameters (fsdp=2, conftest's `dates_tiny_run`), is
+loaded here onto one of 8 devices; the tiny digits captioner is trained once
+too, and captions an image file through `attnx.load` and through
+`--mode=decode --config.decode.input=`.
 The tiny models' outputs are wrong; their structure, shapes and the handling
 of awkward inputs are what is checked.
 """
@@ -43,16 +44,8 @@ def attnx_main(*argv: str, devices: int = 1, stdin: str | None = None, ok: bool 
 
 
 @pytest.fixture(scope="module")
-def dates_run(tmp_path_factory, dates_data_dir) -> pathlib.Path:
-    workdir = tmp_path_factory.mktemp("inference") / "dates"
-    attnx_main(
-        f"--config={ROOT}/experiments/dates_transformer.py:tiny",
-        f"--workdir={workdir}",
-        f"--config.task.data_dir={dates_data_dir}",
-        "--config.mesh.fsdp=2",
-        devices=2,
-    )
-    return workdir
+def dates_run(dates_tiny_run) -> pathlib.Path:
+    return dates_tiny_run  # Read only: the tests that change a run copy it first.
 
 
 @pytest.fixture(scope="module")

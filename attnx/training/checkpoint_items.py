@@ -83,7 +83,7 @@ def attnx_version() -> str:
         return "unknown"
 
 
-def _path_name(path: tuple[Any, ...]) -> str:
+def path_name(path: tuple[Any, ...]) -> str:
     """Orbax's name for a pytree leaf: its keys joined by dots (`opt_state.0.mu.w`)."""
     parts = []
     for key in path:
@@ -122,7 +122,7 @@ def check_target(step: int, abstract: Any, metadata: Any) -> None:
         for leaf in jax.tree.leaves(metadata.tree)
         if hasattr(leaf, "name") and hasattr(leaf, "shape")
     }
-    wanted = {_path_name(path): leaf for path, leaf in jax.tree.leaves_with_path(abstract)}
+    wanted = {path_name(path): leaf for path, leaf in jax.tree.leaves_with_path(abstract)}
     missing = sorted(set(wanted) - set(stored))
     extra = sorted(set(stored) - set(wanted))
     if missing or extra:

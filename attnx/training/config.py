@@ -97,6 +97,11 @@ def base_config() -> ml_collections.ConfigDict:
         plateau_patience=0,
         plateau_metric="eval/perplexity",
         log_every_steps=50,
+        # Fine-tuning: another run's workdir whose parameters start this run (its
+        # best step by its own best_metric, or warm_start_step when > 0); the
+        # optimizer, step and data start fresh. A resumed run ignores it.
+        warm_start_dir="",
+        warm_start_step=0,
     )
     c.checkpoint = dict(
         every_steps=500,
@@ -276,6 +281,11 @@ def validate(config: ml_collections.ConfigDict, device_count: int | None = None)
         raise ValueError(
             f"config.train.batch_size={config.train.batch_size} is not divisible by "
             f"config.train.grad_accum_steps={config.train.grad_accum_steps}"
+        )
+    if config.train.get("warm_start_step", 0) < 0:
+        raise ValueError(
+            f"config.train.warm_start_step must be >= 0 (0: the source's best step), "
+            f"got {config.train.warm_start_step!r}"
         )
     for key in ("train.attention_penalty", "train.reward_weight", "train.entropy_weight"):
         value = config.train[key.split(".")[1]]

@@ -21,6 +21,7 @@ the test split, once (`test/...`, with `test/checkpoint_step`; and
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -29,7 +30,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from attnx.training import final_evaluation, optimizers, steps
+from attnx.training import final_evaluation, optimizers, steps, warm_start
 from attnx.training import metrics as metrics_lib
 from attnx.training import workdir as workdir_lib
 from attnx.training.logging import MetricsWriter
@@ -101,6 +102,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     # The training record's train/wall_seconds count from here: data preparation included.
     started = time.monotonic()
     # --- Set-up and restore ----------------------------------------------------
+    # A warm start's source is checked before anything is built.
+    warm = warm_start.find_source(config, os.path.join(workdir, "checkpoints"))
+    if warm is not None:
+        warm_start.adopt_vocabulary(warm, os.path.join(workdir, "vocab"))
     run = Run.build(config, workdir, mode="train")
     plateau = None
     if config.train.schedule == "plateau":
@@ -110,6 +115,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             config.train, mode="min" if lower_is_better else "max"
         )
     run.restore()
+    if warm is not None and not run.restored:
+        run.state = run.state.replace(params=warm_start.restore_params(warm, run.state.params))
     checkpointer = run.checkpointer
 
     # --- Data position ---------------------------------------------------------

@@ -1,9 +1,10 @@
 """`--mode=decode --config.decode.input=FILE|-`: your own inputs to a trained run, from the shell.
 
-The tiny dates experiment is trained once for the module, in a subprocess on a
-2-device mesh with its parameters sharded (fsdp=2); every decode runs as a user
-would run it (`python -m attnx.main`, one CPU device) or in this process
-through `attnx.load` (onto one of its 8 devices). The tiny model's hypotheses
+The tiny dates experiment is trained once for the test run, in a subprocess on
+a 2-device mesh with its parameters sharded (fsdp=2, conftest's
+`dates_tiny_run`); every decode runs as a user would run it (`python -m
+attnx.main`, one CPU device) or in this process through `attnx.load` (onto one
+of its 8 devices). The tiny model's hypotheses
 are wrong; what is checked is the output's structure, the handling of awkward
 inputs, and that both routes give the same hypotheses and scores.
 """
@@ -72,16 +73,8 @@ def parse(stdout: str) -> dict[int, dict[str, list]]:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, dates_data_dir) -> pathlib.Path:
-    workdir = tmp_path_factory.mktemp("interactive") / "dates"
-    attnx_main(
-        EXPERIMENT,
-        f"--workdir={workdir}",
-        f"--config.task.data_dir={dates_data_dir}",
-        "--config.mesh.fsdp=2",
-        devices=2,
-    )
-    return workdir
+def trained(dates_tiny_run) -> pathlib.Path:
+    return dates_tiny_run  # Decoding one's own inputs writes nothing into it.
 
 
 @pytest.fixture(scope="module")

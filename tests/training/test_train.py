@@ -5,6 +5,7 @@ processes and signals are real. The runs are shared by the tests below
 (module-scoped fixtures), since each costs a compilation.
 """
 
+import filecmp
 import json
 import os
 import pathlib
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import preloaded
@@ -226,6 +228,34 @@ def resume(workdir, copy_to, data_dir, *overrides, devices=1):
 
 def test_checkpoint_written_on_eight_devices_restores_on_one(tmp_path, data_dir, sharded_run):
     resume(sharded_run, tmp_path / "resumed", data_dir)
+
+
+def test_a_warm_start_begins_from_another_runs_parameters(tmp_path, data_dir, sharded_run):
+    # Adam's first step moves no parameter by more than the learning rate, so at
+    # 1e-9 the new run's first checkpoint holds the source's step-20 parameters
+    # to 1e-8: read (from 8 devices onto 1), not initialised (those differ by ~0.1).
+    workdir = tmp_path / "warm"
+    result = run(
+        workdir,
+        data_dir,
+        f"--config.train.warm_start_dir={sharded_run}",
+        f"--config.train.warm_start_step={STEPS}",
+        "--config.train.steps=1",
+        "--config.checkpoint.every_steps=1",
+        "--config.train.learning_rate=1e-9",
+        "--config.train.schedule=constant",
+        "--config.train.warmup_steps=0",
+        devices=1,
+    )
+    assert f"parameter arrays from step {STEPS} of {sharded_run}" in result.stderr
+    warm, source = saved_params(workdir, step=1), saved_params(sharded_run)
+    assert jax.tree.structure(warm) == jax.tree.structure(source)
+    for got, want in zip(jax.tree.leaves(warm), jax.tree.leaves(source), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-8)
+    # The token ids of the source's rows: its vocabulary, copied, not rebuilt.
+    assert filecmp.cmp(
+        workdir / "vocab" / "tokenizer.json", sharded_run / "vocab" / "tokenizer.json", False
+    )
 
 
 def test_two_process_checkpoint_resumes_in_one_process_at_the_same_batch(

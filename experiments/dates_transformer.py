@@ -40,14 +40,13 @@ experiment's recipe):
   python -m attnx.sweep --config=experiments/dates_transformer.py:axes --workdir=/tmp/dates_axes \
       --config.train.steps=1000 --config.eval.every_steps=1000 --config.checkpoint.every_steps=1000
 
-Measured with those 1,000 steps a trial on 2 CPU cores (the table is in the
-README): test exact match 0.994 / 0.988 / 0.994 for the Transformer (softmax
-/ sparsemax / entmax-1.5; rotary, no dropout, 2026-12-03; 0.961 / 0.910 /
-0.973 with the sinusoids and dropout 0.1 on 2026-12-02), 1.000 for RNNsearch
-under all three, 0.994 / 0.953 / 0.990 for Luong global, 0.990 / 0.963 /
-0.971 for Luong local-p with D = 8 (2026-12-03; pointing accuracy 0.97 with
-softmax) and 0.998 / 0.973 / 1.000 for ConvS2S (2026-12-02, when the 15
-trials took 52 min).
+Measured 2026-12-03 with those 1,000 steps a trial (59 min for the 15 on 2
+idle CPU cores; the table is in the README): test exact match 0.994 / 0.988 /
+0.994 for the Transformer (softmax / sparsemax / entmax-1.5; rotary, no
+dropout; 0.961 / 0.910 / 0.973 with the sinusoids and dropout 0.1 on
+2026-12-02), 1.000 for RNNsearch under all three, 0.994 / 0.953 / 0.990 for
+Luong global, 0.990 / 0.963 / 0.971 for Luong local-p with D = 8 (pointing
+accuracy 0.97 with softmax) and 0.998 / 0.973 / 1.000 for ConvS2S.
 
 Any single choice from the command line, e.g. `--config.model.name=rnn` or
 `--config.model.attention.positions=rotary` (README, "Attention as an

@@ -1,7 +1,8 @@
-"""Shared test set-up: every test sees 8 simulated CPU devices.
+"""Shared test set-up: every test sees 8 simulated CPU devices, compiled quickly.
 
-XLA reads the flag once, when the backend starts, so it must be set before
-anything imports jax.
+XLA reads its flags once, when the backend starts, so they must be set before
+anything imports jax. The flags (`command_env.py`) also turn down XLA's LLVM
+optimisation, most of the time of a compile that a test runs for a step or two.
 
 The end-to-end tests run `python -m attnx.main` in subprocesses; most of
 their time is XLA compiling the same tiny models again. They share one
@@ -26,8 +27,10 @@ import pytest
 # `import preloaded` in the test files (pytest's importlib mode adds no directory to the path).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+from command_env import QUICK_COMPILE, cpu_env  # noqa: E402
+
+os.environ["XLA_FLAGS"] = " ".join(
+    (os.environ.get("XLA_FLAGS", ""), QUICK_COMPILE, "--xla_force_host_platform_device_count=8")
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -110,8 +113,7 @@ def dates_tiny_run(dates_data_dir) -> pathlib.Path:
         if not done.exists():
             shutil.rmtree(workdir, ignore_errors=True)  # A run cut short: start again.
             root = pathlib.Path(__file__).resolve().parents[1]
-            env = dict(os.environ, JAX_PLATFORMS="cpu")
-            env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+            env = cpu_env(devices=2)
             result = preloaded.run(
                 [
                     sys.executable,

@@ -10,13 +10,13 @@ what the model computes).
 
 import csv
 import json
-import os
 import pathlib
 import sys
 
 import orbax.checkpoint as ocp
 import preloaded
 import pytest
+from command_env import cpu_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -63,9 +63,7 @@ def _run(experiment, workdir, data_dir, flags, *extra):
             *extra,
         ],
         cwd=ROOT,
-        env=dict(
-            os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1"
-        ),
+        env=cpu_env(),
         capture_output=True,
         text=True,
         timeout=900,

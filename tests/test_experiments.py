@@ -7,13 +7,13 @@ command line's errors are in test_command_line.py).
 
 import dataclasses
 import importlib.util
-import os
 import pathlib
 import subprocess
 import sys
 
 import preloaded
 import pytest
+from command_env import cpu_env
 
 from attnx.models import make_model_config
 from attnx.training.config import make_task, validate
@@ -72,8 +72,7 @@ def model_config(config, vocab: int = 40):
 
 
 def run_main(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # one device is enough for a summary
+    env = cpu_env()  # one device is enough for a summary
     return preloaded.run(
         [sys.executable, "-m", "attnx.main", *args],
         capture_output=True,

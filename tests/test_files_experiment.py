@@ -19,6 +19,7 @@ import subprocess
 import sys
 
 import preloaded
+from command_env import cpu_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -37,8 +38,7 @@ def write_dates(directory: pathlib.Path, count: int = 3000, dev: int = 200) -> f
 
 
 def environment() -> dict[str, str]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # one device, as on a laptop
+    env = cpu_env()  # one device, as on a laptop
     # `python` in the README's commands is this interpreter.
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     return env

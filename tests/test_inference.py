@@ -10,7 +10,6 @@ of awkward inputs are what is checked.
 """
 
 import logging
-import os
 import pathlib
 import shutil
 import sys
@@ -18,6 +17,7 @@ import sys
 import numpy as np
 import preloaded
 import pytest
+from command_env import cpu_env
 from PIL import Image
 
 import attnx
@@ -27,8 +27,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def attnx_main(*argv: str, devices: int = 1, stdin: str | None = None, ok: bool = True):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env = cpu_env(devices)
     result = preloaded.run(
         [sys.executable, "-m", "attnx.main", *argv],
         cwd=ROOT,
@@ -154,21 +153,17 @@ def test_not_a_workdir(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    from attnx.data import prepare
-
+def digits_run(tmp_path_factory, digits_data_dir):
     root = tmp_path_factory.mktemp("captions")
-    data_dir = root / "tfds"
-    prepare.prepare("digit_captions", str(data_dir))
     workdir = root / "digits"
     attnx_main(
         f"--config={ROOT}/experiments/digits_spatial.py:tiny",
         f"--workdir={workdir}",
-        f"--config.task.data_dir={data_dir}",
+        f"--config.task.data_dir={digits_data_dir}",
     )
     import tensorflow_datasets as tfds
 
-    record = tfds.data_source("digit_captions", split="validation", data_dir=str(data_dir))[0]
+    record = tfds.data_source("digit_captions", split="validation", data_dir=digits_data_dir)[0]
     image = root / "digits.png"
     Image.fromarray(record["image"][..., 0]).save(image)
     return workdir, image, record["image"]

@@ -8,12 +8,12 @@ where it used one) or, for the character tasks, the placeholder summary uses.
 
 import importlib.util
 import math
-import os
 import pathlib
 import sys
 
 import preloaded
 import pytest
+from command_env import cpu_env
 
 from attnx.training.run import model_summary, vocab_without_data
 
@@ -70,8 +70,7 @@ def test_every_experiment_has_a_parameter_table_without_data(name):
 
 
 def test_summary_of_a_paper_setting_on_the_command_line(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = cpu_env()
     result = preloaded.run(
         [
             sys.executable,

@@ -11,6 +11,7 @@ import textwrap
 import numpy as np
 import preloaded
 import pytest
+from command_env import cpu_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -88,9 +89,7 @@ def test_a_new_architecture_trains_through_the_entry_point(tmp_path, dates_data_
         cwd=ROOT,
         capture_output=True,
         text=True,
-        env=dict(
-            os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1"
-        ),
+        env=cpu_env(),
         timeout=900,
     )
     assert result.returncode == 0, result.stderr[-3000:]

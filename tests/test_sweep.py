@@ -13,6 +13,7 @@ import textwrap
 
 import preloaded
 import pytest
+from command_env import cpu_env
 
 from attnx import sweep
 
@@ -20,8 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def run_sweep(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # trials on one CPU device: the fastest on a small machine
+    env = cpu_env()  # trials on one CPU device: the fastest on a small machine
     return preloaded.run(
         [sys.executable, "-m", "attnx.sweep", *args],
         capture_output=True,

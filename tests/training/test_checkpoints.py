@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from command_env import cpu_env
 from flax import struct
 from jax.sharding import NamedSharding, SingleDeviceSharding
 from jax.sharding import PartitionSpec as P
@@ -481,7 +482,7 @@ def test_sigterm_saves_a_final_checkpoint_and_exits_cleanly(tmp_path):
     script = tmp_path / "loop.py"
     script.write_text(_PREEMPTED_LOOP)
     directory = tmp_path / "ckpt"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = cpu_env()
     proc = subprocess.Popen(
         [sys.executable, str(script), str(directory)],
         stdout=subprocess.PIPE,
@@ -552,11 +553,7 @@ def test_two_processes_save_their_data_state_and_fall_back_together(tmp_path):
         port = s.getsockname()[1]
     script = tmp_path / "run.py"
     script.write_text(_TWO_PROCESS_RUN)
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-    }
+    env = cpu_env(devices=4)
     procs = [
         subprocess.Popen(
             [sys.executable, str(script), str(i), str(port), str(tmp_path / "ckpt")],

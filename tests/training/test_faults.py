@@ -31,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import preloaded
 import pytest
+from command_env import cpu_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RUNNER = pathlib.Path(__file__).with_name("fault_runner.py")
@@ -41,9 +42,7 @@ CADENCE = ("--config.checkpoint.every_steps=5", "--config.checkpoint.keep=100")
 
 
 def environment(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", **extra)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
-    return env
+    return cpu_env(**extra)
 
 
 def main_argv(workdir, data_dir, *overrides) -> list[str]:

@@ -21,6 +21,7 @@ import time
 import numpy as np
 import preloaded
 import pytest
+from command_env import cpu_env
 
 import attnx
 from attnx.interpret import alignment_output
@@ -31,9 +32,7 @@ DATES = ["3 March 1974", "Sonntag, 3. März 1974", "1974-03-03", "12/31/99"]
 
 
 def environment(devices: int = 1) -> dict[str, str]:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
+    return cpu_env(devices)
 
 
 def attnx_main(*argv: str, stdin: str | None = None, ok: bool = True, devices: int = 1):

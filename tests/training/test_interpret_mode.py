@@ -16,6 +16,7 @@ import sys
 
 import preloaded
 import pytest
+from command_env import cpu_env
 
 from attnx.interpret import alignment_output
 
@@ -24,8 +25,7 @@ EXAMPLES = 48
 
 
 def attnx_main(*arguments: str) -> None:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
+    env = cpu_env()
     result = preloaded.run(
         [sys.executable, "-m", "attnx.main", *arguments],
         env=env,

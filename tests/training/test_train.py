@@ -7,7 +7,6 @@ processes and signals are real. The runs are shared by the tests below
 
 import filecmp
 import json
-import os
 import pathlib
 import shutil
 import signal
@@ -21,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import preloaded
 import pytest
+from command_env import cpu_env
 
 from attnx.data import prepare
 
@@ -48,10 +48,7 @@ def command(workdir, data_dir, *overrides, extra=()):
 
 
 def environment(devices: int) -> dict[str, str]:
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
+    return cpu_env(devices)
 
 
 def run(workdir, data_dir, *overrides, devices=8, timeout=900):

@@ -12,7 +12,7 @@ The commands themselves are forked from a Python that has already imported
 their libraries (`preloaded.py`, imported by the test files from this
 directory). The bundled datasets are prepared once per run and shared by the
 test files and xdist workers that need them (`dates_data_dir`, ...), and so is
-the tiny dates run that several files only read (`dates_tiny_run`).
+the tiny trained runs that several files read (`dates_tiny_run`, `digits_tiny_run`).
 """
 
 import fcntl
@@ -94,38 +94,36 @@ def digits_data_dir() -> str:
     return _prepared("digit_captions")
 
 
-@pytest.fixture(scope="session")
-def dates_tiny_run(dates_data_dir) -> pathlib.Path:
-    """`dates_transformer.py:tiny` trained on a 2-device mesh (fsdp=2), once per test run.
+def _shared_run(name: str, experiment: str, data_dir: str, *flags: str, devices: int = 1):
+    """`experiment` trained into a workdir `name` shared by the whole test run (all xdist workers).
 
-    Shared by every test file and xdist worker that reads a trained run
-    (`attnx.load`, decoding one's own inputs, which writes nothing into the
-    workdir): a test that changes a run copies it first.
+    Read by the test files that need a trained run (`attnx.load`, decoding
+    one's own inputs, which writes nothing into the workdir): a test that
+    changes a run copies it first.
     """
     import preloaded
 
     shared = pathlib.Path(tempfile.gettempdir(), f"attnx-tests-{_RUN}")
     shared.mkdir(parents=True, exist_ok=True)
-    workdir = shared / "dates_tiny_run"
-    done = shared / "dates_tiny_run.done"
-    with open(shared / "dates_tiny_run.lock", "w") as lock:
+    workdir = shared / name
+    done = shared / f"{name}.done"
+    with open(shared / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # One xdist worker trains; the others wait.
         if not done.exists():
             shutil.rmtree(workdir, ignore_errors=True)  # A run cut short: start again.
             root = pathlib.Path(__file__).resolve().parents[1]
-            env = cpu_env(devices=2)
             result = preloaded.run(
                 [
                     sys.executable,
                     "-m",
                     "attnx.main",
-                    f"--config={root}/experiments/dates_transformer.py:tiny",
+                    f"--config={root}/experiments/{experiment}",
                     f"--workdir={workdir}",
-                    f"--config.task.data_dir={dates_data_dir}",
-                    "--config.mesh.fsdp=2",
+                    f"--config.task.data_dir={data_dir}",
+                    *flags,
                 ],
                 cwd=root,
-                env=env,
+                env=cpu_env(devices),
                 capture_output=True,
                 text=True,
                 timeout=900,
@@ -133,3 +131,21 @@ def dates_tiny_run(dates_data_dir) -> pathlib.Path:
             assert result.returncode == 0, result.stderr[-4000:]
             done.touch()
     return workdir
+
+
+@pytest.fixture(scope="session")
+def dates_tiny_run(dates_data_dir) -> pathlib.Path:
+    """`dates_transformer.py:tiny` trained on a 2-device mesh (fsdp=2), once per test run."""
+    return _shared_run(
+        "dates_tiny_run",
+        "dates_transformer.py:tiny",
+        dates_data_dir,
+        "--config.mesh.fsdp=2",
+        devices=2,
+    )
+
+
+@pytest.fixture(scope="session")
+def digits_tiny_run(digits_data_dir) -> pathlib.Path:
+    """`digits_spatial.py:tiny` (the soft captioner) trained on one device, once per test run."""
+    return _shared_run("digits_tiny_run", "digits_spatial.py:tiny", digits_data_dir)

@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import pathlib
+import shutil
 import sys
 
 import preloaded
@@ -37,7 +38,8 @@ def attnx_main(*arguments: str) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-def trained(workdir: pathlib.Path, experiment: str, data_dir: str) -> pathlib.Path:
+def trained(workdir: pathlib.Path, experiment: str, data_dir: str, train=True) -> pathlib.Path:
+    """The report of `experiment` in `workdir`, trained there first unless `train` is False."""
     common = (
         f"--config={experiment}",
         f"--workdir={workdir}",
@@ -46,7 +48,8 @@ def trained(workdir: pathlib.Path, experiment: str, data_dir: str) -> pathlib.Pa
         "--config.interpret.page_examples=3",
         "--config.interpret.figures=2",
     )
-    attnx_main(*common)
+    if train:
+        attnx_main(*common)
     record = (workdir / "metrics.jsonl").read_text()
     attnx_main(*common, "--mode=interpret")
     # The training record is the training's alone.
@@ -62,10 +65,11 @@ def dates_report(tmp_path_factory, dates_data_dir):
 
 
 @pytest.fixture(scope="module")
-def digits_report(tmp_path_factory, digits_data_dir):
-    return trained(
-        tmp_path_factory.mktemp("digits"), "experiments/digits_spatial.py:tiny", digits_data_dir
-    )
+def digits_report(tmp_path_factory, digits_data_dir, digits_tiny_run):
+    # The shared run, trained without the interpret.* flags: they are read by the report alone.
+    workdir = tmp_path_factory.mktemp("digits") / "run"
+    shutil.copytree(digits_tiny_run, workdir)
+    return trained(workdir, "experiments/digits_spatial.py:tiny", digits_data_dir, train=False)
 
 
 def check_common(out: pathlib.Path) -> dict:

@@ -12,6 +12,7 @@ import sys
 
 import preloaded
 import pytest
+from command_env import cpu_env
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = "--config=experiments/dates_transformer.py:tiny"
@@ -50,13 +51,10 @@ def test_a_mistake_reads_the_same_both_ways(argv):
     assert forked.stdout == plain.stdout == ""
 
 
-ONE_DEVICE = "--xla_force_host_platform_device_count=1"
-
-
 @pytest.mark.parametrize("verbosity", ["0", "1"])
 def test_a_summary_prints_and_logs_the_same_both_ways(verbosity):
     # One device, as most end-to-end tests ask: XLA_FLAGS is read in the child.
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=ONE_DEVICE)
+    env = cpu_env()
     forked, plain = both(TINY, "--mode=summary", f"--verbosity={verbosity}", env=env)
     assert forked.returncode == plain.returncode == 0, forked.stderr[-2000:]
     assert forked.stdout == plain.stdout and "total:" in forked.stdout
@@ -68,13 +66,12 @@ def test_a_summary_prints_and_logs_the_same_both_ways(verbosity):
 
 def test_the_child_has_the_devices_its_xla_flags_ask_for():
     def summary(devices: int) -> subprocess.CompletedProcess:
-        flags = f"--xla_force_host_platform_device_count={devices}"
         return preloaded.run(
             [sys.executable, "-m", "attnx.main", TINY, "--mode=summary", "--config.mesh.data=2"],
             capture_output=True,
             text=True,
             cwd=ROOT,
-            env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags),
+            env=cpu_env(devices),
         )
 
     one = summary(1)

@@ -41,10 +41,6 @@ STEPS = 20
 CADENCE = ("--config.checkpoint.every_steps=5", "--config.checkpoint.keep=100")
 
 
-def environment(**extra: str) -> dict[str, str]:
-    return cpu_env(**extra)
-
-
 def main_argv(workdir, data_dir, *overrides) -> list[str]:
     return [
         EXPERIMENT,
@@ -62,7 +58,7 @@ def run(argv, *, cwd=ROOT, ok=True, env=None, limit_file_size_kb=None, timeout=9
     result = preloaded.run(
         command,
         cwd=cwd,
-        env=env or environment(),
+        env=env or cpu_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -79,7 +75,7 @@ def start(argv, *, cwd=ROOT, fault=None) -> subprocess.Popen:
     return subprocess.Popen(
         [*prefix, *argv],
         cwd=cwd,
-        env=environment(),
+        env=cpu_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -268,7 +264,7 @@ def test_a_full_disk_stops_the_run_in_one_line_and_it_resumes(tmp_path, referenc
         main_argv(workdir, dates_data_dir, "--config.train.steps=40"),
         ok=False,
         # No compilation cache: its entries would hit the limit too.
-        env=environment(JAX_ENABLE_COMPILATION_CACHE="false"),
+        env=cpu_env(JAX_ENABLE_COMPILATION_CACHE="false"),
         limit_file_size_kb=100,
     )
     assert result.returncode == 1

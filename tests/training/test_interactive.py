@@ -31,15 +31,11 @@ EXPERIMENT = f"--config={ROOT}/experiments/dates_transformer.py:tiny"
 DATES = ["3 March 1974", "Sonntag, 3. März 1974", "1974-03-03", "12/31/99"]
 
 
-def environment(devices: int = 1) -> dict[str, str]:
-    return cpu_env(devices)
-
-
 def attnx_main(*argv: str, stdin: str | None = None, ok: bool = True, devices: int = 1):
     result = preloaded.run(
         [sys.executable, "-m", "attnx.main", *argv],
         cwd=ROOT,
-        env=environment(devices),
+        env=cpu_env(devices),
         input=stdin,
         capture_output=True,
         text=True,
@@ -220,7 +216,7 @@ def test_a_terminal_gets_an_answer_per_line(trained):
         [sys.executable, "-m", "attnx.main", EXPERIMENT, f"--workdir={trained}", "--mode=decode"]
         + ["--config.decode.input=-"],
         cwd=ROOT,
-        env=environment(),
+        env=cpu_env(),
         stdin=terminal,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,

@@ -38,7 +38,9 @@ def attnx_main(*arguments: str) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-def trained(workdir: pathlib.Path, experiment: str, data_dir: str, train=True) -> pathlib.Path:
+def trained(
+    workdir: pathlib.Path, experiment: str, data_dir: str, train: bool = True
+) -> pathlib.Path:
     """The report of `experiment` in `workdir`, trained there first unless `train` is False."""
     common = (
         f"--config={experiment}",

@@ -47,14 +47,10 @@ def command(workdir, data_dir, *overrides, extra=()):
     ]
 
 
-def environment(devices: int) -> dict[str, str]:
-    return cpu_env(devices)
-
-
 def run(workdir, data_dir, *overrides, devices=8, timeout=900):
     result = preloaded.run(
         command(workdir, data_dir, *overrides),
-        env=environment(devices),
+        env=cpu_env(devices),
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -181,7 +177,7 @@ def two_process_run(tmp_path_factory, data_dir):
                     f"--process_id={i}",
                 ),
             ),
-            env=environment(4),
+            env=cpu_env(4),
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -284,7 +280,7 @@ def test_sigkill_at_a_random_step_then_restart_is_bit_identical(
     kill_after = int(np.random.default_rng().integers(3, 12))
     process = subprocess.Popen(
         command(workdir, data_dir, *overrides),
-        env=environment(1),
+        env=cpu_env(1),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -325,7 +321,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, data_dir):
             "--config.train.steps=100000",
             "--config.checkpoint.every_steps=100000",
         ),
-        env=environment(1),
+        env=cpu_env(1),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -370,7 +366,7 @@ def test_hard_attention_captioner_trains_with_reinforce_end_to_end(tmp_path):
             f"--workdir={workdir}",
             f"--config.task.data_dir={digits}",
         ],
-        env=environment(2),
+        env=cpu_env(2),
         cwd=ROOT,
         capture_output=True,
         text=True,
